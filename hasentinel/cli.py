@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hasentinel import commands
 
     commands.register(subparsers)
+    # `--config` is accepted after the subcommand too (`hasentinel status --config F`).
+    for subparser in subparsers.choices.values():
+        subparser.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH", help="configuration file")
     return parser
 
 

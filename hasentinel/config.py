@@ -52,7 +52,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json", "journald")
 PROBE_PATHS = ("/readyz", "/livez", "/healthz")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9:][A-Za-z0-9._:-]{0,62}$")
 _HOST_RE = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
@@ -228,8 +228,12 @@ class _Reader:
             return default
         return value
 
-    def endpoint(self, name: str, default: str | None, loopback_only: bool = False) -> Endpoint | None:
+    def endpoint(
+        self, name: str, default: str | None, loopback_only: bool = False, nullable: bool = False
+    ) -> Endpoint | None:
         value = self.get(name, default)
+        if nullable and name in self.data and self.data[name] is None:
+            return None  # explicitly disabled
         if value is None:
             return None
         if not isinstance(value, str):
@@ -304,7 +308,7 @@ def _parse_masters(value: Any, errors: list[str]) -> tuple[Master, ...]:
             name = address
         if not isinstance(name, str) or not _NAME_RE.match(name):
             errors.append(
-                f"{prefix}.name: must be 1-63 letters, digits, '.', '_' or '-', got {name!r}"
+                f"{prefix}.name: must be 1-63 letters, digits, '.', '_', ':' or '-', got {name!r}"
             )
             continue
         if name in names:
@@ -364,7 +368,7 @@ def parse_settings(data: Any, source: str | None = None, check_files: bool = Tru
         config=h.string("config", DEFAULT_HAPROXY_CONFIG) or DEFAULT_HAPROXY_CONFIG,
         master_socket=h.string("master_socket", DEFAULT_MASTER_SOCKET) or DEFAULT_MASTER_SOCKET,
         admin_socket=h.string("admin_socket", DEFAULT_ADMIN_SOCKET) or DEFAULT_ADMIN_SOCKET,
-        stats=h.endpoint("stats", DEFAULT_STATS, loopback_only=True),
+        stats=h.endpoint("stats", DEFAULT_STATS, loopback_only=True, nullable=True),
         connect_timeout=h.number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, maximum=60.0),
         hard_stop_after=h.number("hard_stop_after", DEFAULT_HARD_STOP_AFTER, maximum=86400.0),
         shutdown_window=h.number("shutdown_window", DEFAULT_SHUTDOWN_WINDOW, minimum=-1e-9, maximum=600.0),

@@ -1,0 +1,287 @@
+"""Make HAProxy match what the health model wants.
+
+Two paths, deliberately apart:
+
+- health changes go through the runtime API at once, with no reload:
+  ``set server ... state``, and closing the sessions of a failed master,
+  spread over a short window so their clients do not reconnect in one burst;
+- a change of membership or settings re-renders haproxy.cfg and reloads
+  through the master CLI. This is the only path that reloads.
+
+Both are level-triggered: each pass compares HAProxy's actual state with the
+desired one and fixes what differs, so a reload, a restarted HAProxy or a
+restarted hasentinel all converge the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from hasentinel.config import Settings
+from hasentinel.files import atomic_write
+from hasentinel.haproxy import HAProxyClient, HAProxyError, ProcInfo, ReloadResult, ServerView
+from hasentinel.health import MAINT
+from hasentinel.render import (
+    RenderError,
+    ensure_server_state_file,
+    read_current,
+    render_config,
+    server_state_file,
+    write_config,
+)
+
+log = structlog.get_logger("hasentinel.apply")
+
+# Sessions of a failed master are closed in this many batches over the window.
+SHUTDOWN_SLICES = 20
+
+
+@dataclass
+class HAProxyStatus:
+    """What hasentinel knows of its HAProxy, for the status endpoint."""
+
+    running: bool = False
+    version: str | None = None
+    master_pid: int | None = None
+    master_reloads: int | None = None
+    reloads: int = 0
+    failed_reloads: int = 0
+    old_workers: int = 0
+    last_reload: dict[str, Any] | None = None
+    last_error: str | None = None
+    config_warnings: list[str] = field(default_factory=list)
+    servers: dict[str, ServerView] = field(default_factory=dict)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Applier:
+    """Keeps one HAProxy instance in line with the settings and the desired server states."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = HAProxyClient(settings.haproxy.master_socket, settings.haproxy.admin_socket)
+        self.status = HAProxyStatus()
+        self._shedding: dict[str, asyncio.Task[None]] = {}
+        self._config_lock = asyncio.Lock()
+
+    # -- configuration and reloads ---------------------------------------
+
+    def _record_path(self) -> str:
+        return os.path.join(self.settings.state_dir, "applied.json")
+
+    def _read_record(self) -> dict[str, Any]:
+        try:
+            with open(self._record_path(), encoding="utf-8") as handle:
+                record = json.load(handle)
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _write_record(self, proc: ProcInfo, digest: str) -> None:
+        record = {"master_pid": proc.master.pid, "reloads": proc.master.reloads, "config": digest}
+        try:
+            atomic_write(self._record_path(), json.dumps(record) + "\n", mode=0o600)
+        except OSError as exc:
+            log.warning("state_write_failed", path=self._record_path(), error=str(exc))
+
+    def _running_config_is_stale(self, proc: ProcInfo, digest: str) -> bool:
+        """True if this HAProxy still runs a config older than the file.
+
+        A restarted HAProxy master, or a reload someone else made, loaded the
+        file as it is; only when the master and its reload count are the ones
+        recorded at our last reload does the recorded digest say what runs.
+        """
+        record = self._read_record()
+        same_process = (
+            record.get("master_pid") == proc.master.pid and record.get("reloads") == proc.master.reloads
+        )
+        return same_process and record.get("config") != digest
+
+    async def apply_settings(self, settings: Settings, reason: str) -> bool:
+        """Render, validate, write and (if the file changed) reload.
+
+        Raises RenderError when HAProxy rejects the new config; the file and
+        the running HAProxy are then untouched. Returns True if it reloaded.
+        """
+        async with self._config_lock:
+            self.settings = settings
+            self.client = HAProxyClient(
+                settings.haproxy.master_socket, settings.haproxy.admin_socket, self.client.backend
+            )
+            text = render_config(settings)
+            path = settings.haproxy.config
+            digest = _digest(text)
+            await asyncio.to_thread(os.makedirs, settings.state_dir, 0o755, True)
+            await asyncio.to_thread(ensure_server_state_file, settings)
+            changed = await asyncio.to_thread(read_current, path) != text
+            if changed:
+                validation = await asyncio.to_thread(
+                    write_config, settings.haproxy.binary, path, text
+                )
+                self.status.config_warnings = validation.warnings
+                log.info("haproxy_config_written", path=path, reason=reason)
+
+            try:
+                proc = await self.client.show_proc()
+            except HAProxyError as exc:
+                self._mark_unreachable(str(exc))
+                return False
+            self._note_proc(proc)
+            if not changed and not self._running_config_is_stale(proc, digest):
+                return False
+            return await self._reload(reason, digest)
+
+    async def _reload(self, reason: str, digest: str) -> bool:
+        # Keep MAINT/DRAIN states across the reload: the new worker loads them.
+        try:
+            await self.client.dump_server_state(server_state_file(self.settings))
+        except (HAProxyError, OSError) as exc:
+            log.warning("server_state_dump_failed", error=str(exc))
+        try:
+            result = await self.client.reload()
+        except HAProxyError as exc:
+            result = ReloadResult(False, str(exc), 0.0)
+        self.status.last_reload = {
+            "ok": result.ok,
+            "reason": reason,
+            "at": time.time(),
+            "duration_ms": round(result.duration * 1000, 1),
+            "error": None if result.ok else result.detail,
+        }
+        if result.after is not None:
+            self._note_proc(result.after)
+        if not result.ok:
+            self.status.failed_reloads += 1
+            log.error("haproxy_reload_failed", reason=reason, error=result.detail)
+            return False
+        self.status.reloads += 1
+        assert result.after is not None
+        self._write_record(result.after, digest)
+        log.info(
+            "haproxy_reloaded",
+            reason=reason,
+            duration_ms=round(result.duration * 1000, 1),
+            worker_pids=[w.pid for w in result.after.current_workers],
+        )
+        return True
+
+    # -- observing HAProxy -----------------------------------------------
+
+    def _note_proc(self, proc: ProcInfo) -> None:
+        self.status.master_pid = proc.master.pid
+        self.status.master_reloads = proc.master.reloads
+        self.status.version = proc.master.version or self.status.version
+        self.status.old_workers = len(proc.old_workers)
+
+    def _mark_unreachable(self, error: str) -> None:
+        if self.status.running:
+            log.warning("haproxy_unreachable", error=error)
+        self.status.running = False
+        self.status.last_error = error
+        self.status.servers = {}
+
+    async def refresh(self) -> bool:
+        """Read HAProxy's process and server view; False if it cannot be reached."""
+        try:
+            proc = await self.client.show_proc()
+            servers = await self.client.servers()
+        except HAProxyError as exc:
+            self._mark_unreachable(str(exc))
+            return False
+        previous_pid = self.status.master_pid
+        was_running = self.status.running
+        self._note_proc(proc)
+        self.status.servers = servers
+        self.status.running = True
+        self.status.last_error = None
+        if not was_running:
+            log.info("haproxy_reachable", master_pid=proc.master.pid, version=proc.master.version)
+        elif previous_pid is not None and previous_pid != proc.master.pid:
+            log.warning("haproxy_restarted", old_master_pid=previous_pid, master_pid=proc.master.pid)
+        return True
+
+    # -- applying health -------------------------------------------------
+
+    async def reconcile(self, desired: Mapping[str, str]) -> list[tuple[str, str, str]]:
+        """Set every server's admin state to the desired one; return what changed."""
+        if not await self.refresh():
+            return []
+        changes: list[tuple[str, str, str]] = []
+        for name, want in sorted(desired.items()):
+            view = self.status.servers.get(name)
+            if view is None:
+                continue  # not in the running config yet (a reload is pending)
+            if view.admin != want:
+                try:
+                    await self.client.set_state(name, want)
+                except HAProxyError as exc:
+                    log.error("haproxy_state_failed", master=name, state=want, error=str(exc))
+                    continue
+                changes.append((name, view.admin, want))
+                log.info("haproxy_state_applied", master=name, from_state=view.admin, to_state=want)
+            if want == MAINT and (view.sessions > 0 or view.admin != want):
+                self._start_shedding(name)
+        return changes
+
+    def _start_shedding(self, name: str) -> None:
+        task = self._shedding.get(name)
+        if task is not None and not task.done():
+            return
+        self._shedding[name] = asyncio.create_task(self._shed(name), name=f"shed-{name}")
+
+    async def _shed(self, name: str) -> None:
+        """Close a failed master's sessions, spread over the shutdown window."""
+        window = self.settings.haproxy.shutdown_window
+        start = time.monotonic()
+        closed = 0
+        try:
+            if window > 0:
+                sessions = [s for s in await self.client.sessions() if s.server == name]
+                slices = [sessions[i::SHUTDOWN_SLICES] for i in range(SHUTDOWN_SLICES)]
+                for index, batch in enumerate(slices):
+                    delay = start + window * index / SHUTDOWN_SLICES - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    if batch:
+                        # Several commands in one connection, separated by ';'.
+                        await self.client.admin(
+                            "; ".join(f"shutdown session {s.ident}" for s in batch)
+                        )
+                        closed += len(batch)
+            # Whatever is left (or everything, with no window) goes at once.
+            await self.client.shutdown_sessions(name)
+        except HAProxyError as exc:
+            log.warning("sessions_shutdown_failed", master=name, error=str(exc))
+            return
+        log.info(
+            "sessions_shutdown",
+            master=name,
+            spread=closed,
+            window_s=window,
+            duration_ms=round((time.monotonic() - start) * 1000, 1),
+        )
+
+    async def close(self) -> None:
+        for task in self._shedding.values():
+            task.cancel()
+        for task in self._shedding.values():
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._shedding.clear()
+
+
+__all__ = ["Applier", "HAProxyStatus", "RenderError"]

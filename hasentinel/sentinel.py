@@ -1,0 +1,316 @@
+"""The daemon: probes feed the health model, the model drives HAProxy.
+
+Lifecycle, in start order (stopped in reverse): the status server, the
+HAProxy config (rendered and, if changed, reloaded), one probe task per
+master, the main loop. SIGTERM/SIGINT stop it (HAProxy keeps serving);
+SIGHUP re-reads the config and applies it only if it is valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from hasentinel import __version__
+from hasentinel.apply import Applier
+from hasentinel.config import ConfigError, Settings, load_settings
+from hasentinel.health import (
+    FAILING_OPEN,
+    STARTING,
+    ClusterHealth,
+    Decision,
+    State,
+    Transition,
+)
+from hasentinel.probe import Prober, TLSMaterial
+from hasentinel.render import RenderError
+from hasentinel.systemd import Notifier
+
+log = structlog.get_logger("hasentinel.sentinel")
+
+# Probes are spread by this share of the interval so that the masters do not
+# see every node's probes in the same instant.
+JITTER = 0.1
+# How often the main loop reads HAProxy's view back, at most.
+LOOP_TICK = 0.5
+
+
+@dataclass
+class ProbeRecord:
+    """The latest probe of one master, for the status endpoint."""
+
+    ok: bool
+    reason: str | None
+    latency_ms: float | None
+    at: float
+
+
+class Sentinel:
+    """One running hasentinel: owns its tasks and their order."""
+
+    def __init__(self, settings: Settings, config_path: str) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.cluster = ClusterHealth(settings.probe.rise, settings.probe.fall, settings.all_down)
+        self.cluster.set_members(m.name for m in settings.masters)
+        self.applier = Applier(settings)
+        self.notifier = Notifier()
+        self.tls = TLSMaterial(settings.probe)
+        self.probers: dict[str, Prober] = {}
+        self.probe_tasks: dict[str, asyncio.Task[None]] = {}
+        self.probes: dict[str, ProbeRecord] = {}
+        self.decision = Decision(STARTING, "waiting for the first probes", {})
+        self.ready = False
+        self.started_at = time.time()
+        self.last_tick = time.monotonic()
+        self.config_error: list[str] | None = None
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._reload_requested = False
+        self._clock_offset = time.time() - time.monotonic()
+        self._api: Any = None
+
+    # -- time ------------------------------------------------------------
+
+    def wall(self, monotonic: float | None) -> float | None:
+        return None if monotonic is None else monotonic + self._clock_offset
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def run(self) -> None:
+        from hasentinel.api import StatusServer
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        self._api = StatusServer(self)
+        await self._api.start(self.settings.status_listen)
+        log.info(
+            "started",
+            version=__version__,
+            pid=os.getpid(),
+            config=self.config_path,
+            masters=[m.name for m in self.settings.masters],
+            listen=str(self.settings.listen),
+            status=str(self.settings.status_listen),
+        )
+        try:
+            await self._apply_config(self.settings, "start")
+            self._start_probers()
+            await self._main_loop()
+        finally:
+            log.info("stopping")
+            self.notifier.notify("STOPPING=1")
+            await self._stop_probers()
+            await self.applier.close()
+            await self._api.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        self._wake.set()
+
+    async def _apply_config(self, settings: Settings, reason: str) -> None:
+        if not settings.configured:
+            return
+        try:
+            await self.applier.apply_settings(settings, reason)
+        except RenderError as exc:
+            # Only possible at start (a reload checks first): keep probing and
+            # serving status, HAProxy keeps whatever it runs.
+            log.error("haproxy_config_rejected", error=str(exc))
+            self.config_error = [str(exc)]
+
+    # -- probing ---------------------------------------------------------
+
+    def _start_probers(self) -> None:
+        for master in self.settings.masters:
+            prober = Prober(master, self.settings.probe, self.tls)
+            self.probers[master.name] = prober
+            self.probe_tasks[master.name] = asyncio.create_task(
+                self._probe_loop(prober), name=f"probe-{master.name}"
+            )
+
+    async def _stop_probers(self) -> None:
+        tasks = list(self.probe_tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for prober in self.probers.values():
+            await prober.close()
+        self.probe_tasks.clear()
+        self.probers.clear()
+
+    async def _probe_loop(self, prober: Prober) -> None:
+        interval = self.settings.probe.interval
+        # Start at a random point of the first interval: no lockstep across masters or nodes.
+        await asyncio.sleep(random.uniform(0, interval * JITTER))
+        while True:
+            started = time.monotonic()
+            result = await prober.probe()
+            self._on_result(prober.master.name, result)
+            spread = interval * random.uniform(-JITTER, JITTER)
+            await asyncio.sleep(max(0.0, interval + spread - (time.monotonic() - started)))
+
+    def _on_result(self, name: str, result: Any) -> None:
+        now = time.monotonic()
+        self.probes[name] = ProbeRecord(
+            result.ok,
+            result.reason,
+            None if result.latency is None else round(result.latency * 1000, 2),
+            now,
+        )
+        log.debug("probe", master=name, ok=result.ok, reason=result.reason, latency=result.latency)
+        previous = self.cluster.masters[name].last if name in self.cluster.masters else None
+        transition = self.cluster.observe(name, result, now)
+        if result.credentials_problem and (previous is None or not previous.credentials_problem):
+            log.error(
+                "probe_unauthorized",
+                master=name,
+                reason=result.reason,
+                fix="set probe.cert_file and probe.key_file to a client certificate the apiserver accepts",
+            )
+        if transition is not None:
+            self._log_transition(transition)
+            self._wake.set()
+
+    def _log_transition(self, t: Transition) -> None:
+        master = next((m for m in self.settings.masters if m.name == t.master), None)
+        fields: dict[str, Any] = {
+            "master": t.master,
+            "address": str(master.endpoint) if master else None,
+            "from_state": t.from_state.value,
+            "to_state": t.to_state.value,
+            "reason": t.reason,
+        }
+        if t.to_state is State.DOWN:
+            log.warning("master_down", **fields)
+        elif t.from_state is State.DOWN:
+            health = self.cluster.masters[t.master]
+            log.info("master_up", **fields, hold_down_s=health.hold_down)
+        else:
+            log.info("master_discovered", **fields)
+
+    # -- the main loop ---------------------------------------------------
+
+    async def _main_loop(self) -> None:
+        interval = self.settings.probe.interval
+        first_round_deadline = time.monotonic() + interval + self.settings.probe.timeout + 1.0
+        watchdog = self.notifier.watchdog_interval()
+        tick = min(LOOP_TICK, watchdog / 3) if watchdog else LOOP_TICK
+        while not self._stop.is_set():
+            self.last_tick = time.monotonic()
+            self.notifier.watchdog()
+            if self._reload_requested:
+                self._reload_requested = False
+                await self._reload_config()
+            await self._step(first_round_deadline)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), tick)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _step(self, first_round_deadline: float) -> None:
+        if not self.settings.configured:
+            self.decision = self.cluster.decide()
+            self.notifier.status("no masters configured: run `hasentinel init --masters ...`")
+            self._become_ready()
+            return
+        if not self.ready and not self.cluster.settled and time.monotonic() < first_round_deadline:
+            return
+        decision = self.cluster.decide()
+        if decision.state != self.decision.state:
+            self._log_state_change(self.decision, decision)
+        self.decision = decision
+        await self.applier.reconcile(decision.desired)
+        self._become_ready()
+        self.notifier.status(self.summary())
+
+    def _log_state_change(self, old: Decision, new: Decision) -> None:
+        fields = {"from_state": old.state, "to_state": new.state, "reason": new.reason}
+        if new.state == FAILING_OPEN or new.state == "down":
+            log.error("all_masters_down", policy=self.settings.all_down, **fields)
+        else:
+            log.info("state_changed", **fields)
+
+    def _become_ready(self) -> None:
+        if not self.ready:
+            self.ready = True
+            self.notifier.notify("READY=1")
+            log.info("ready", state=self.decision.state)
+
+    def summary(self) -> str:
+        up = sum(1 for h in self.cluster.masters.values() if h.state is State.UP)
+        text = f"{self.decision.state}: {up}/{len(self.cluster.masters)} masters up"
+        if not self.applier.status.running:
+            text += ", HAProxy not reachable"
+        return text
+
+    # -- configuration reload ------------------------------------------
+
+    async def _reload_config(self) -> None:
+        self.notifier.notify("RELOADING=1")
+        try:
+            try:
+                new = load_settings(self.config_path)
+            except ConfigError as exc:
+                self._reject(exc.errors)
+                return
+            old = self.settings
+            try:
+                if new.configured:
+                    await self.applier.apply_settings(new, "config reloaded")
+            except (RenderError, OSError) as exc:
+                self.applier.settings = old
+                self._reject([f"haproxy rejected the rendered config: {exc}"])
+                return
+            await self._adopt(new)
+        finally:
+            self.notifier.notify("READY=1")
+            self.notifier.status(self.summary())
+
+    def _reject(self, errors: list[str]) -> None:
+        self.config_error = errors
+        log.error("config_rejected", config=self.config_path, errors=errors, kept="previous config")
+
+    async def _adopt(self, new: Settings) -> None:
+        """Switch the running daemon to validated settings."""
+        old = self.settings
+        self.settings = new
+        self.config_error = None
+        probe_changed = new.probe != old.probe or new.masters != old.masters
+        self.cluster.rise, self.cluster.fall = new.probe.rise, new.probe.fall
+        self.cluster.all_down = new.all_down
+        self.cluster.set_members(m.name for m in new.masters)
+        if probe_changed:
+            await self._stop_probers()
+            self.tls = TLSMaterial(new.probe)
+            self.probes = {k: v for k, v in self.probes.items() if k in self.cluster.masters}
+            self._start_probers()
+        if new.status_listen != old.status_listen:
+            await self._api.stop()
+            await self._api.start(new.status_listen)
+        from hasentinel.logs import configure
+
+        configure(new.log_level, new.log_format)
+        log.info(
+            "config_reloaded",
+            config=self.config_path,
+            masters=[m.name for m in new.masters],
+            probes_restarted=probe_changed,
+        )
+        self._wake.set()
