@@ -214,8 +214,15 @@ class Applier:
 
     # -- applying health -------------------------------------------------
 
-    async def reconcile(self, desired: Mapping[str, str]) -> list[tuple[str, str, str]]:
-        """Set every server's admin state to the desired one; return what changed."""
+    async def reconcile(
+        self, desired: Mapping[str, str], trust_checks: bool = False
+    ) -> list[tuple[str, str, str]]:
+        """Set every server's admin state to the desired one; return what changed.
+
+        Sessions are closed on every server put in MAINT and, with
+        ``trust_checks`` (failing open, when the probes cannot judge), on
+        every server HAProxy's own check has marked down.
+        """
         if not await self.refresh():
             return []
         changes: list[tuple[str, str, str]] = []
@@ -231,7 +238,8 @@ class Applier:
                     continue
                 changes.append((name, view.admin, want))
                 log.info("haproxy_state_applied", master=name, from_state=view.admin, to_state=want)
-            if want == MAINT and (view.sessions > 0 or view.admin != want):
+            failed_check = trust_checks and not view.operational
+            if (want == MAINT or failed_check) and (view.sessions > 0 or view.admin != want):
                 self._start_shedding(name)
         return changes
 

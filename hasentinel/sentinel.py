@@ -236,7 +236,7 @@ class Sentinel:
         if decision.state != self.decision.state:
             self._log_state_change(self.decision, decision)
         self.decision = decision
-        await self.applier.reconcile(decision.desired)
+        await self.applier.reconcile(decision.desired, trust_checks=decision.state == FAILING_OPEN)
         self._become_ready()
         self.notifier.status(self.summary())
 

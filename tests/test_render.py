@@ -52,14 +52,14 @@ def test_rendering_is_deterministic_and_sorted(tmp_path: Path) -> None:
 
 
 def test_rendered_config_has_what_failover_needs(tmp_path: Path) -> None:
-    """Listen address, session shutdown, redispatch, tunnel timeout and hard-stop-after are all there."""
+    """Listen address, passive failure detection, redispatch, tunnel timeout and hard-stop-after are all there."""
     s = settings_for(tmp_path, ["10.0.0.1"], listen="127.0.0.1:16443", haproxy={
         "binary": HAPROXY, "config": str(tmp_path / "h.cfg"), "master_socket": str(tmp_path / "m.sock"),
         "admin_socket": str(tmp_path / "a.sock"), "hard_stop_after": 90, "connect_timeout": 0.5,
     })
     text = render_config(s)
     assert "bind 127.0.0.1:16443" in text
-    assert "on-marked-down shutdown-sessions" in text
+    assert "observe layer4" in text and "on-error mark-down" in text
     assert "option redispatch" in text
     assert "timeout tunnel" in text
     assert "hard-stop-after 90s" in text
