@@ -241,6 +241,8 @@ class Applier:
             failed_check = trust_checks and not view.operational
             if (want == MAINT or failed_check) and (view.sessions > 0 or view.admin != want):
                 self._start_shedding(name)
+        if changes:
+            await self.refresh()  # so that /status shows HAProxy's view after the change
         return changes
 
     def _start_shedding(self, name: str) -> None:
@@ -253,33 +255,30 @@ class Applier:
         """Close a failed master's sessions, spread over the shutdown window."""
         window = self.settings.haproxy.shutdown_window
         start = time.monotonic()
-        closed = 0
         try:
-            if window > 0:
-                sessions = [s for s in await self.client.sessions() if s.server == name]
-                slices = [sessions[i::SHUTDOWN_SLICES] for i in range(SHUTDOWN_SLICES)]
-                for index, batch in enumerate(slices):
-                    delay = start + window * index / SHUTDOWN_SLICES - time.monotonic()
+            sessions = [s for s in await self.client.sessions() if s.server == name]
+            if window > 0 and len(sessions) > 1:
+                count = min(len(sessions), SHUTDOWN_SLICES)
+                for index in range(count):
+                    batch = sessions[index::count]
+                    delay = start + window * index / count - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    if batch:
-                        # Several commands in one connection, separated by ';'.
-                        await self.client.admin(
-                            "; ".join(f"shutdown session {s.ident}" for s in batch)
-                        )
-                        closed += len(batch)
+                    # Several commands in one connection, separated by ';'.
+                    await self.client.admin("; ".join(f"shutdown session {s.ident}" for s in batch))
             # Whatever is left (or everything, with no window) goes at once.
             await self.client.shutdown_sessions(name)
         except HAProxyError as exc:
             log.warning("sessions_shutdown_failed", master=name, error=str(exc))
             return
-        log.info(
-            "sessions_shutdown",
-            master=name,
-            spread=closed,
-            window_s=window,
-            duration_ms=round((time.monotonic() - start) * 1000, 1),
-        )
+        if sessions:
+            log.info(
+                "sessions_shutdown",
+                master=name,
+                sessions=len(sessions),
+                window_s=window,
+                duration_ms=round((time.monotonic() - start) * 1000, 1),
+            )
 
     async def close(self) -> None:
         for task in self._shedding.values():

@@ -93,6 +93,8 @@ _PROC_LINE = re.compile(
     r"^(?P<pid>\d+)\s+(?P<kind>master|worker|program)\s+(?P<rest>.*)$"
 )
 _FAILED = re.compile(r"\[failed:\s*(\d+)\]")
+# 2.2 shows an old worker's former relative PID as "[was: N]".
+_WAS = re.compile(r"\[was:\s*\d+\]")
 
 
 def parse_show_proc(text: str) -> ProcInfo:
@@ -111,8 +113,9 @@ def parse_show_proc(text: str) -> ProcInfo:
         if not match:
             continue
         failed_match = _FAILED.search(match["rest"])
-        rest = _FAILED.sub("", match["rest"]).split()
-        if has_relative and rest:
+        was_old = bool(_WAS.search(match["rest"]))
+        rest = _WAS.sub("", _FAILED.sub("", match["rest"])).split()
+        if has_relative and not was_old and rest:
             rest = rest[1:]
         if not rest or not rest[0].isdigit():
             continue
@@ -127,7 +130,7 @@ def parse_show_proc(text: str) -> ProcInfo:
             version=version,
             # 3.x lists old workers in their own section; 2.x lists them under
             # workers with a reload count above zero.
-            old=kind == "worker" and (section.startswith("old") or reloads > 0),
+            old=kind == "worker" and (section.startswith("old") or was_old or reloads > 0),
         )
         if kind == "master":
             master = proc
@@ -236,7 +239,18 @@ class HAProxyClient:
         return await send_command(self.master_socket, command)
 
     async def show_proc(self) -> ProcInfo:
-        return parse_show_proc(await self.master("show proc"))
+        # While the master starts or reloads, its socket is missing, refuses,
+        # or accepts and resets: retry a read-only command a few times.
+        delay = 0.05
+        for attempt in range(4):
+            try:
+                return parse_show_proc(await self.master("show proc"))
+            except HAProxyError:
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
 
     async def servers(self) -> dict[str, ServerView]:
         return parse_show_stat(await self.admin("show stat"), self.backend)
