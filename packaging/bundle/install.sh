@@ -76,7 +76,9 @@ for f in debs/*.deb; do
 done
 
 # 4. apt with these files only: an empty source list and a private, empty
-# package-list directory, so nothing is looked up or downloaded.
+# package-list directory, so nothing is looked up or downloaded. Unattended:
+# an existing /etc/hasentinel/hasentinel.yaml (an operator's, or one that
+# configuration management put there first) is kept, never prompted about.
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT INT TERM
 mkdir -p "$tmp/lists/partial" "$tmp/archives/partial" "$tmp/empty"
@@ -87,6 +89,7 @@ apt-get -q -y --no-install-recommends \
 	-o Dir::State::Lists="$tmp/lists" -o Dir::Cache::Archives="$tmp/archives" \
 	-o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= \
 	-o Acquire::Languages=none -o APT::Get::List-Cleanup=false \
+	-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
 	install $debs
 
 if [ -n "$new_deps" ]; then
