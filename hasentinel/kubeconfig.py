@@ -29,15 +29,14 @@ from urllib.parse import urlsplit
 import yaml
 
 from hasentinel.config import ConfigError, Endpoint, Master, Settings, load_settings
+from hasentinel.files import fsync_directory, write_atomic
 from hasentinel.nodeinit import (
     CommandError,
     certsans_fix,
     common_name,
     credential,
-    fsync_dir,
     probe_masters,
     tls_context,
-    write_atomic,
     yaml_scalar,
 )
 
@@ -376,7 +375,7 @@ def restore(files: Sequence[Path], *, dry_run: bool = False,
             sys.stdout.write(_diff(path, current, backup.read_bytes(), "restored"))
             continue
         os.replace(backup, target)  # the backup carries the original's mode, owner and times
-        fsync_dir(target.parent)
+        fsync_directory(target.parent)
         st = os.stat(target)
         print(f"{path}: restored from {backup.name} "
               f"(mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}:{st.st_gid})")

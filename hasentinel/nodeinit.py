@@ -15,11 +15,9 @@ import base64
 import contextlib
 import errno
 import ipaddress
-import os
 import socket
 import ssl
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +28,7 @@ import yaml
 
 from hasentinel import config
 from hasentinel.config import ConfigError, Endpoint, Master, parse_endpoint, parse_settings
+from hasentinel.files import write_atomic
 
 # Short, because init waits for it: a ready apiserver answers /readyz in milliseconds.
 INIT_PROBE_TIMEOUT = 2.0
@@ -41,47 +40,6 @@ PREFERRED_NAMES = ("kubernetes",)
 
 class CommandError(Exception):
     """A problem that stops a command; the message names it and the fix."""
-
-
-# --- files ---------------------------------------------------------------------------------
-
-
-def write_atomic(
-    path: Path, data: bytes, mode: int, *, owner: tuple[int, int] | None = None,
-    times: tuple[int, int] | None = None, overwrite: bool = True,
-) -> None:
-    """Write ``data`` to ``path`` through a synced temporary file in the same directory.
-
-    With ``overwrite=False`` an existing ``path`` is never replaced (FileExistsError).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if owner is not None:
-                os.fchown(handle.fileno(), *owner)
-            os.fchmod(handle.fileno(), mode)  # after chown, which clears set-id bits
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if times is not None:
-            os.utime(tmp, ns=times)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails when path exists, where a rename would replace it
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def yaml_scalar(value: str, flow: bool = False) -> str:
