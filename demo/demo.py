@@ -140,7 +140,7 @@ class Demo:
     def status(self) -> dict[str, Any]:
         try:
             url = f"http://127.0.0.1:{self.status_port}/status"
-            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310
+            with urllib.request.urlopen(url, timeout=2) as response:
                 document: dict[str, Any] = json.load(response)
         except OSError:
             return {}

@@ -143,7 +143,7 @@ class HAProxyProcess:
         header = lines[0].split(",")
         result = {}
         for line in lines[1:]:
-            row = dict(zip(header, line.split(",")))
+            row = dict(zip(header, line.split(","), strict=False))
             if row.get("pxname") == "kube-apiservers" and row["svname"] not in ("FRONTEND", "BACKEND"):
                 result[row["svname"]] = row["status"]
         return result

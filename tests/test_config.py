@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from hasentinel.config import ConfigError, load_settings, parse_settings, parse_endpoint
+from hasentinel.config import ConfigError, load_settings, parse_endpoint, parse_settings
 
 
-@pytest.fixture()
+@pytest.fixture
 def ca_file(tmp_path: Path) -> str:
     path = tmp_path / "ca.crt"
     path.write_text("not checked for content here\n")

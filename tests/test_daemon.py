@@ -12,7 +12,7 @@ from harness import Node, wait_for
 from support import MasterProcess, TestPKI
 
 
-@pytest.fixture()
+@pytest.fixture
 def node(pki: TestPKI, masters: list[MasterProcess], tmp_path: Path) -> Iterator[Node]:
     n = Node(tmp_path, pki.ca_pem_path, masters)
     try:
@@ -79,7 +79,6 @@ def test_killed_master_goes_down_and_no_new_request_fails(
 
 def read_until_closed(sock: object, limit: float) -> float:
     """Read a stream until the peer closes it; return the wall time of the close."""
-    import socket as socket_module
     import time
 
     deadline = time.monotonic() + limit
@@ -88,7 +87,7 @@ def read_until_closed(sock: object, limit: float) -> float:
         try:
             if not sock.recv(65536):  # type: ignore[attr-defined]
                 return time.time()
-        except socket_module.timeout:
+        except TimeoutError:
             continue
         except OSError:
             return time.time()

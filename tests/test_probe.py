@@ -23,7 +23,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture()
+@pytest.fixture
 def master(pki: TestPKI, tmp_path: Path) -> Iterator[MasterProcess]:
     """One fake master on 127.0.1.9, its certificate naming that address and `kubernetes`."""
     m = MasterProcess("probe-target", "127.0.1.9", 6443, pki, tmp_path / "m", client_ca=pki.ca_pem_path)
