@@ -30,15 +30,8 @@ import yaml
 
 from hasentinel.config import ConfigError, Endpoint, Master, Settings, load_settings
 from hasentinel.files import fsync_directory, write_atomic
-from hasentinel.nodeinit import (
-    CommandError,
-    certsans_fix,
-    common_name,
-    credential,
-    probe_masters,
-    tls_context,
-    yaml_scalar,
-)
+from hasentinel.nodeinit import credential, yaml_scalar
+from hasentinel.tlscheck import CommandError, certsans_fix, common_name, probe_masters, tls_context
 
 DEFAULT_KUBELET_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
 DEFAULT_KUBE_PROXY_KUBECONFIG = "/var/lib/kube-proxy/kubeconfig.conf"
