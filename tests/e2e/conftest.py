@@ -15,13 +15,27 @@ from tests.e2e.container import TIMINGS
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "incremental: later steps of a scenario xfail after a failed one")
+    config.addinivalue_line(
+        "markers", "incremental: later steps of a scenario xfail after a failed one"
+    )
 
 
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> None:
-    if "incremental" in item.keywords and call.excinfo is not None and call.when == "call":
-        if not call.excinfo.errisinstance(pytest.skip.Exception):
-            item.parent._e2e_failed = item  # type: ignore[union-attr]
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        call.when != "call"
+        or call.excinfo is None
+        or call.excinfo.errisinstance(pytest.skip.Exception)
+    ):
+        return
+    if "incremental" in item.keywords:
+        item.parent._e2e_failed = item  # type: ignore[union-attr]
+    # What the node itself says, next to the assertion.
+    node = getattr(item, "funcargs", {}).get("node")
+    if node is not None:
+        report.sections.append(("node: units and journal", node.container.diagnostics()))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

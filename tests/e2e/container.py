@@ -52,10 +52,17 @@ TIMINGS: dict[str, float] = {}
 _running: set[Container] = set()
 
 
-def run(cmd: Sequence[str | os.PathLike[str]], timeout: float = 600, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str | os.PathLike[str]], timeout: float = 600, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
     """Run a host command; on failure raise with its output (not just the exit code)."""
     result = subprocess.run(
-        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+        [str(c) for c in cmd],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **kwargs,
     )
     if result.returncode != 0:
         raise AssertionError(
@@ -68,7 +75,9 @@ def run(cmd: Sequence[str | os.PathLike[str]], timeout: float = 600, **kwargs: A
 def cached_root() -> Path:
     """The pristine Debian 12 root (minbase + ROOT_PACKAGES); made once, then reused."""
     path = CACHE / "bookworm-nspawn"
-    out = run([REPO / "packaging" / "mkroot", "--include", ",".join(ROOT_PACKAGES), path], timeout=900)
+    out = run(
+        [REPO / "packaging" / "mkroot", "--include", ",".join(ROOT_PACKAGES), path], timeout=900
+    )
     return Path(out.stdout.strip().splitlines()[-1])
 
 
@@ -117,7 +126,9 @@ class Container:
                 start_new_session=True,
             )  # fmt: skip
         self.pid = wait_for("the container's systemd", self._find_init, timeout=30)
-        state = wait_for("the boot to finish", self._boot_finished, timeout=BOOT_TIMEOUT, interval=1)
+        state = wait_for(
+            "the boot to finish", self._boot_finished, timeout=BOOT_TIMEOUT, interval=1
+        )
         if state != "running":
             failed = self.run(["systemctl", "--failed", "--no-legend"], check=False).stdout
             raise AssertionError(f"container booted {state}; failed units:\n{failed}")
@@ -125,7 +136,9 @@ class Container:
     def _find_init(self) -> int | None:
         assert self.nspawn is not None
         if self.nspawn.poll() is not None:
-            raise AssertionError(f"systemd-nspawn exited {self.nspawn.returncode}: {self.log_tail()}")
+            raise AssertionError(
+                f"systemd-nspawn exited {self.nspawn.returncode}: {self.log_tail()}"
+            )
         for children in Path(f"/proc/{self.nspawn.pid}/task").glob("*/children"):
             for pid in children.read_text().split():
                 if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
@@ -150,7 +163,9 @@ class Container:
         """Run ``cmd`` inside the container (all its namespaces) with a clean environment."""
         assert self.pid is not None, "container not booted"
         full = ["nsenter", "-t", str(self.pid), "-a", "--", "env", "-i", *INSIDE_ENV, *cmd]
-        result = subprocess.run(full, capture_output=True, text=True, timeout=timeout, check=False, input=input)
+        result = subprocess.run(
+            full, capture_output=True, text=True, timeout=timeout, check=False, input=input
+        )
         if check and result.returncode != 0:
             raise AssertionError(
                 f"inside: {' '.join(cmd)} exited {result.returncode}\n"
@@ -158,7 +173,9 @@ class Container:
             )
         return result
 
-    def sh(self, script: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def sh(
+        self, script: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         return self.run(["sh", "-c", script], check=check, timeout=timeout)
 
     def path(self, inside: str) -> Path:
@@ -175,6 +192,18 @@ class Container:
         out = self.run(["journalctl", "-u", unit, "-o", "json", "--no-pager"]).stdout
         entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         return [e for e in entries if int(e.get("__REALTIME_TIMESTAMP", 0)) >= since_usec]
+
+    def diagnostics(self) -> str:
+        """The state of hasentinel's units and their recent journal, for a failure report."""
+        script = (
+            "systemctl status --no-pager --lines=0 hasentinel.service hasentinel-haproxy.service; "
+            "journalctl --no-pager -n 60 -u hasentinel.service -u hasentinel-haproxy.service"
+        )
+        try:
+            result = self.sh(script, check=False, timeout=30)
+        except (OSError, subprocess.SubprocessError, AssertionError) as exc:
+            return f"(cannot read the container's state: {exc})"
+        return result.stdout + result.stderr
 
     # -- cleanup --------------------------------------------------------------
 

@@ -22,14 +22,24 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from support import MasterProcess, TestPKI, port_holder
 
-from tests.e2e.container import CACHE, REPO, TIMINGS, Container, cached_root, copy_root, run, wait_for
+from tests.e2e.container import (
+    CACHE,
+    REPO,
+    TIMINGS,
+    Container,
+    cached_root,
+    copy_root,
+    run,
+    wait_for,
+)
+from tests.support import MasterProcess, TestPKI, port_holder
 
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.timeout(900)]
 
@@ -52,7 +62,9 @@ def _missing_prerequisite() -> str | None:
         )  # fmt: skip
     for tool in ("systemd-nspawn", "nsenter", "dpkg-deb"):
         if shutil.which(tool) is None:
-            return f"{tool} is missing and could not be installed (apt-get install systemd-container)"
+            return (
+                f"{tool} is missing and could not be installed (apt-get install systemd-container)"
+            )
     return None
 
 
@@ -89,6 +101,9 @@ class Node:
         out = self.container.run(["curl", "-fsS", "--max-time", "5", self.status_url]).stdout
         document: dict[str, Any] = json.loads(out)
         return document
+
+    def active(self, unit: str) -> bool:
+        return self.container.unit(unit, "ActiveState")["ActiveState"] == "active"
 
     def all_up(self) -> bool:
         """Healthy, and HAProxy's own view agrees (its checks rise after a reload)."""
@@ -170,7 +185,15 @@ def node(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Nod
 
     started = time.monotonic()
     out = run(
-        [REPO / "packaging" / "build-bundle", "--deb", deb, "--out", work / "dist", "--cache", CACHE],
+        [
+            REPO / "packaging" / "build-bundle",
+            "--deb",
+            deb,
+            "--out",
+            work / "dist",
+            "--cache",
+            CACHE,
+        ],
         timeout=900,
     )
     bundle = Path(out.stdout.strip().splitlines()[-1])
@@ -189,7 +212,9 @@ def node(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Nod
     (root / "etc/kubernetes/pki").mkdir(parents=True)
     shutil.copy(pki.ca_pem_path, root / "etc/kubernetes/pki/ca.crt")
     # A kubeconfig that purge must leave alone.
-    (root / "etc/kubernetes/kubelet.conf").write_text("apiVersion: v1\nkind: Config\nclusters: []\n")
+    (root / "etc/kubernetes/kubelet.conf").write_text(
+        "apiVersion: v1\nkind: Config\nclusters: []\n"
+    )
     # Put in place before the package, as configuration management would:
     # install.sh keeps it, so the units start on the test's ports.
     (root / "etc/hasentinel").mkdir()
@@ -234,17 +259,21 @@ class TestNode:
         TIMINGS["install bundle offline"] = time.monotonic() - started
         assert "checksums OK" in result.stdout
 
-        status = node.container.run(["dpkg-query", "-W", "-f=${Status} ${Version}", "hasentinel"]).stdout
+        status = node.container.run(
+            ["dpkg-query", "-W", "-f=${Status} ${Version}", "hasentinel"]
+        ).stdout
         assert status.startswith("install ok installed")
         manual = node.container.run(["apt-mark", "showmanual"]).stdout.split()
         assert "hasentinel" in manual
-        assert "python3-aiohttp" not in manual, "dependencies must be marked automatically installed"
+        assert "python3-aiohttp" not in manual, (
+            "dependencies must be marked automatically installed"
+        )
 
     def test_units_enabled_and_waiting_for_masters(self, node: Node) -> None:
         """Without masters both units run and the daemon says it waits, instead of crash-looping."""
         for unit in ("hasentinel.service", "hasentinel-haproxy.service"):
             assert node.container.run(["systemctl", "is-enabled", unit]).stdout.strip() == "enabled"
-            wait_for(f"{unit} active", lambda u=unit: node.container.unit(u, "ActiveState")["ActiveState"] == "active", 30)
+            wait_for(f"{unit} active", partial(node.active, unit), 30)
 
         document = wait_for("/status", node.curl_status, 30)
         assert document["masters"] == []
@@ -254,7 +283,9 @@ class TestNode:
         assert node.container.unit("hasentinel.service", "NRestarts")["NRestarts"] == "0"
         # The first start of HAProxy rendered its config; Debian's own is untouched.
         assert node.container.path("/etc/hasentinel/haproxy.cfg").is_file()
-        untouched = node.container.sh("dpkg-query -W -f='${Conffiles}' haproxy | grep haproxy.cfg").stdout.split()
+        untouched = node.container.sh(
+            "dpkg-query -W -f='${Conffiles}' haproxy | grep haproxy.cfg"
+        ).stdout.split()
         actual = node.container.run(["md5sum", "/etc/haproxy/haproxy.cfg"]).stdout.split()[0]
         assert actual == untouched[1]
 
@@ -266,8 +297,12 @@ class TestNode:
             check=False,
         )  # fmt: skip
         assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify
-        security = node.container.run(["systemd-analyze", "security", "--no-pager", "hasentinel.service"], check=False)
-        match = re.search(r"Overall exposure level for hasentinel\.service: ([0-9.]+)", security.stdout)
+        security = node.container.run(
+            ["systemd-analyze", "security", "--no-pager", "hasentinel.service"], check=False
+        )
+        match = re.search(
+            r"Overall exposure level for hasentinel\.service: ([0-9.]+)", security.stdout
+        )
         assert match, security
         assert float(match.group(1)) <= 2.0
 
@@ -276,14 +311,31 @@ class TestNode:
         masters = ",".join(f"{m.name}={m.address}:{m.port}" for m in node.masters)
         if "init" not in node.container.run(["hasentinel", "--help"]).stdout:
             # The later steps need a configured node either way.
-            node.write_config(_e2e_config(node.listen_port, node.status_port, masters=json.dumps(
-                [{"name": m.name, "address": m.address, "port": m.port} for m in node.masters]
-            )))
+            node.write_config(
+                _e2e_config(
+                    node.listen_port,
+                    node.status_port,
+                    masters=json.dumps(
+                        [
+                            {"name": m.name, "address": m.address, "port": m.port}
+                            for m in node.masters
+                        ]
+                    ),
+                )
+            )
             pytest.skip("`hasentinel init` is not in the command line yet: config written directly")
         # --force: the file put in place before the install exists (the packaged
         # default would too).
         result = node.container.run(
-            ["hasentinel", "init", "--masters", masters, "--listen", f"127.0.0.1:{node.listen_port}", "--force"]
+            [
+                "hasentinel",
+                "init",
+                "--masters",
+                masters,
+                "--listen",
+                f"127.0.0.1:{node.listen_port}",
+                "--force",
+            ]
         )
         for master in node.masters:
             assert master.name in result.stdout
@@ -308,7 +360,9 @@ class TestNode:
         TIMINGS["restart -> every master up"] = time.monotonic() - started
         document = node.curl_status()
         assert document["state"] == "healthy"
-        assert {m["name"]: m["state"] for m in document["masters"]} == {m.name: "up" for m in node.masters}
+        assert {m["name"]: m["state"] for m in document["masters"]} == {
+            m.name: "up" for m in node.masters
+        }
         assert document["haproxy"]["running"] is True
         assert node.through_haproxy()["gitVersion"]
         assert node.container.run(["hasentinel", "status"], check=False).returncode == 0
@@ -318,7 +372,9 @@ class TestNode:
         since = _now_usec()
         victim = node.masters[1]
         victim.kill()
-        events = wait_for("master_down in the journal", lambda: node.events("master_down", since), 30)
+        events = wait_for(
+            "master_down in the journal", lambda: node.events("master_down", since), 30
+        )
         assert len(events) == 1, events
         event = events[0]
         assert event["master"] == victim.name
@@ -361,7 +417,9 @@ class TestNode:
         before = node.container.unit("hasentinel.service", "MainPID", "NRestarts")
         haproxy_pid = node.container.unit("hasentinel-haproxy.service", "MainPID")["MainPID"]
         since = _now_usec()
-        node.container.run(["systemctl", "kill", "--kill-whom=main", "--signal=SIGSTOP", "hasentinel.service"])
+        node.container.run(
+            ["systemctl", "kill", "--kill-whom=main", "--signal=SIGSTOP", "hasentinel.service"]
+        )
         assert node.through_haproxy()["gitVersion"], "HAProxy must forward while hasentinel hangs"
 
         started = time.monotonic()
@@ -374,9 +432,21 @@ class TestNode:
         TIMINGS["SIGSTOP -> restarted by watchdog"] = time.monotonic() - started
         after = node.container.unit("hasentinel.service", "NRestarts")
         assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
-        system = node.container.run(["journalctl", "-u", "hasentinel", "-o", "cat", "--no-pager", f"--since=@{since // 1_000_000}"]).stdout
+        system = node.container.run(
+            [
+                "journalctl",
+                "-u",
+                "hasentinel",
+                "-o",
+                "cat",
+                "--no-pager",
+                f"--since=@{since // 1_000_000}",
+            ]
+        ).stdout
         assert "Watchdog timeout" in system, system[-2000:]
-        assert node.container.unit("hasentinel-haproxy.service", "MainPID")["MainPID"] == haproxy_pid
+        assert (
+            node.container.unit("hasentinel-haproxy.service", "MainPID")["MainPID"] == haproxy_pid
+        )
         wait_for("healthy after the restart", node.all_up, 30)
 
     def test_purge_removes_only_its_own(self, node: Node) -> None:
@@ -387,7 +457,13 @@ class TestNode:
             assert node.container.unit(unit, "ActiveState")["ActiveState"] == "inactive"
         assert not node.container.path("/etc/hasentinel").exists()
         assert not node.container.path("/var/lib/hasentinel").exists()
-        assert not node.container.path("/etc/systemd/system/multi-user.target.wants/hasentinel.service").exists()
+        assert not node.container.path(
+            "/etc/systemd/system/multi-user.target.wants/hasentinel.service"
+        ).exists()
         assert node.container.path("/etc/haproxy/haproxy.cfg").is_file()
-        assert node.container.path("/etc/kubernetes/kubelet.conf").read_text().startswith("apiVersion: v1")
+        assert (
+            node.container.path("/etc/kubernetes/kubelet.conf")
+            .read_text()
+            .startswith("apiVersion: v1")
+        )
         assert node.container.path("/etc/kubernetes/pki/ca.crt").is_file()
