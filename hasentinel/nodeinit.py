@@ -232,11 +232,19 @@ def check_files(plan: Plan, force: bool) -> None:
         except OSError as exc:
             message = f"{option} {path}: cannot read it ({exc.strerror}); {hint}"
             raise CommandError(message) from None
-    if plan.config_path.exists() and not force:
+    if plan.config_path.exists() and not force and not _is_unconfigured(plan.config_path):
         raise CommandError(f"{plan.config_path} exists; review it, or pass --force to replace it")
     for target, (data, _) in plan.files.items():
         if target.exists() and target.read_bytes() != data and not force:
             raise CommandError(f"{target} exists with other content; pass --force to replace it")
+
+
+def _is_unconfigured(path: Path) -> bool:
+    """True for a valid config that lists no master, like the one the package installs."""
+    try:
+        return not config.load_settings(path, check_files=False).configured
+    except ConfigError:
+        return False
 
 
 def port_taken(endpoint: Endpoint) -> bool:

@@ -227,7 +227,7 @@ def test_init_refuses_to_overwrite_without_force(
     ca_file = tmp_path / "ca.crt"
     ca.cert_pem.write_to_path(str(ca_file))
     config = tmp_path / "hasentinel.yaml"
-    config.write_text("# the operator's own\nmasters: []\n")
+    config.write_text("# the operator's own\nmasters: [10.9.9.9]\n")
     before = config.read_bytes()
     argv = ["init", "--masters", str(master.endpoint), "--ca-file", str(ca_file),
             "--listen", f"127.0.0.1:{free_port()}"]
@@ -239,6 +239,23 @@ def test_init_refuses_to_overwrite_without_force(
     assert "--force" in err
     assert config.read_bytes() == before
     assert run_cli(config, *argv, "--force") == 0
+    assert parse_settings(load(config), check_files=False).masters[0].port == master.port
+
+
+def test_init_replaces_the_packaged_config_without_force(
+    tmp_path: Path, masters: Masters, ca: trustme.CA
+) -> None:
+    """The config the package installs lists no master, so init may replace it without --force."""
+    master = masters.start(kubeadm_cert(ca, MASTER_ADDRESSES[0]), MASTER_ADDRESSES[0])
+    ca_file = tmp_path / "ca.crt"
+    ca.cert_pem.write_to_path(str(ca_file))
+    config = tmp_path / "hasentinel.yaml"
+    packaged = Path(__file__).resolve().parent.parent / "config" / "hasentinel.yaml"
+    config.write_bytes(packaged.read_bytes())
+    argv = ["init", "--masters", str(master.endpoint), "--ca-file", str(ca_file),
+            "--listen", f"127.0.0.1:{free_port()}"]
+
+    assert run_cli(config, *argv) == 0
     assert parse_settings(load(config), check_files=False).masters[0].port == master.port
 
 

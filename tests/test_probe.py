@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Iterator
@@ -21,6 +22,13 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _collect_leaked_transports() -> Iterator[None]:
+    """Collect those sockets before the test ends, under this module's warning filter."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture
