@@ -191,25 +191,30 @@ def judge_clock(report: Report, contacts: Sequence[Contact]) -> None:
 def judge_certificates(
     report: Report, checks: Sequence[certs.CertCheck], local_name: str, name_source: str
 ) -> None:
+    """Expiry of each certificate, then one verdict on the name local clients verify."""
+    fetched: list[tuple[str, certs.CertInfo]] = []
     for check in checks:
         # UNKNOWN: the master did not answer, which the masters check reports already.
         level = {certs.OK: OK, certs.WARNING: WARNING, certs.UNKNOWN: INFO}.get(check.level, ERROR)
         report.add(level, "certificates", check.message, check.fix)
-        info = check.info
-        if check.kind != certs.MASTER or info is None:
-            continue
-        if info.carries(local_name):
-            report.add(OK, "certificates", f"master {check.name}'s certificate is valid for "
-                       f"{local_name} ({name_source})")  # fmt: skip
-        else:
-            report.add(
-                ERROR, "certificates",
-                f"master {check.name}'s certificate is not valid for {local_name} "
-                f"({name_source}); it carries {info.names()}",
-                "set tls-server-name in the kubeconfigs to a name every master's certificate "
-                "carries (`hasentinel kubeconfig adopt` does it), or add "
-                f"{local_name} to the apiservers' certSANs",
-            )  # fmt: skip
+        if check.kind == certs.MASTER and check.info is not None:
+            fetched.append((check.name, check.info))
+    if not fetched:
+        return
+    lacking = [(name, info) for name, info in fetched if not info.carries(local_name)]
+    if not lacking:
+        names = ", ".join(name for name, _ in fetched)
+        report.add(OK, "certificates", f"the certificates of {names} are valid for {local_name} "
+                   f"({name_source})")  # fmt: skip
+        return
+    carried = "; ".join(f"{name} carries {info.names()}" for name, info in lacking)
+    report.add(
+        ERROR, "certificates",
+        f"clients of the local endpoint verify {local_name} ({name_source}), which these "
+        f"certificates lack: {carried}",
+        "set tls-server-name in the kubeconfigs to a name every master's certificate carries "
+        f"(`hasentinel kubeconfig adopt` does it), or add {local_name} to the apiservers' certSANs",
+    )  # fmt: skip
 
 
 async def check_masters(settings: Settings, env: Environment, local: tuple[str, str]) -> Report:
