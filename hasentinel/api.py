@@ -41,6 +41,7 @@ def snapshot(sentinel: Sentinel) -> dict[str, Any]:
         health = sentinel.cluster.masters.get(master.name)
         probe = sentinel.probes.get(master.name)
         view = haproxy.servers.get(master.name)
+        drain = sentinel.drains.drains.get(master.name)
         state = health.state.value if health else "unknown"
         if decision.desired.get(master.name) == DRAIN:
             state = "draining"
@@ -53,6 +54,8 @@ def snapshot(sentinel: Sentinel) -> dict[str, Any]:
                 "reason": health.reason if health else None,
                 "since": iso(sentinel.wall(health.since)) if health else None,
                 "in_rotation": decision.desired.get(master.name, "ready") != "maint",
+                # Recorded by `hasentinel drain`; state says "draining" while it applies.
+                "drain": drain.to_json() if drain else None,
                 "transitions": health.transitions if health else 0,
                 "probe": None
                 if probe is None

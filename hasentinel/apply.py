@@ -26,12 +26,13 @@ from typing import Any
 
 import structlog
 
-from hasentinel.config import Settings
+from hasentinel.config import DEFAULT_DRAIN_WINDOW, Settings
 from hasentinel.files import atomic_write
 from hasentinel.haproxy import HAProxyClient, HAProxyError, ProcInfo, ReloadResult, ServerView
-from hasentinel.health import MAINT
+from hasentinel.health import DRAIN, MAINT, READY
 from hasentinel.render import (
     RenderError,
+    detect_version,
     ensure_server_state_file,
     read_current,
     render_config,
@@ -74,6 +75,8 @@ class Applier:
         self.client = HAProxyClient(settings.haproxy.master_socket, settings.haproxy.admin_socket)
         self.status = HAProxyStatus()
         self._shedding: dict[str, asyncio.Task[None]] = {}
+        # Per drained master, the window its sessions are moved off over (seconds).
+        self.drain_windows: dict[str, float] = {}
         self._config_lock = asyncio.Lock()
 
     # -- configuration and reloads ---------------------------------------
@@ -120,7 +123,8 @@ class Applier:
             self.client = HAProxyClient(
                 settings.haproxy.master_socket, settings.haproxy.admin_socket, self.client.backend
             )
-            text = render_config(settings)
+            version = await asyncio.to_thread(detect_version, settings.haproxy.binary)
+            text = render_config(settings, version)
             path = settings.haproxy.config
             digest = _digest(text)
             await asyncio.to_thread(os.makedirs, settings.state_dir, 0o755, True)
@@ -241,19 +245,34 @@ class Applier:
             failed_check = trust_checks and not view.operational
             if (want == MAINT or failed_check) and (view.sessions > 0 or view.admin != want):
                 self._start_shedding(name)
+            elif want == DRAIN and (view.sessions > 0 or view.admin != want):
+                # Drain takes no new connections; the long-lived ones move off over its window.
+                window = self.drain_windows.get(name, DEFAULT_DRAIN_WINDOW)
+                self._start_shedding(name, window, "drain")
+            elif want == READY:
+                self._stop_drain_shedding(name)  # undrained: its remaining sessions stay
         if changes:
             await self.refresh()  # so that /status shows HAProxy's view after the change
         return changes
 
-    def _start_shedding(self, name: str) -> None:
+    def _start_shedding(self, name: str, window: float | None = None, cause: str = "down") -> None:
         task = self._shedding.get(name)
         if task is not None and not task.done():
             return
-        self._shedding[name] = asyncio.create_task(self._shed(name), name=f"shed-{name}")
+        if window is None:
+            window = self.settings.haproxy.shutdown_window
+        self._shedding[name] = asyncio.create_task(
+            self._shed(name, window, cause), name=f"shed-{cause}-{name}"
+        )
 
-    async def _shed(self, name: str) -> None:
-        """Close a failed master's sessions, spread over the shutdown window."""
-        window = self.settings.haproxy.shutdown_window
+    def _stop_drain_shedding(self, name: str) -> None:
+        task = self._shedding.get(name)
+        if task is not None and not task.done() and task.get_name() == f"shed-drain-{name}":
+            task.cancel()
+            log.info("sessions_shutdown_cancelled", master=name, reason="undrained")
+
+    async def _shed(self, name: str, window: float, cause: str = "down") -> None:
+        """Close a master's sessions, spread over ``window`` seconds."""
         start = time.monotonic()
         try:
             sessions = [s for s in await self.client.sessions() if s.server == name]
@@ -276,6 +295,7 @@ class Applier:
                 "sessions_shutdown",
                 master=name,
                 sessions=len(sessions),
+                cause=cause,
                 window_s=window,
                 duration_ms=round((time.monotonic() - start) * 1000, 1),
             )

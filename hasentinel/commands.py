@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from hasentinel import drain
 from hasentinel.config import ConfigError, Settings, load_settings
 
 STATUS_TIMEOUT = 5.0
@@ -62,13 +63,14 @@ def cmd_render(args: argparse.Namespace) -> int:
         return 1
     from hasentinel.render import (
         RenderError,
+        detect_version,
         ensure_server_state_file,
         read_current,
         render_config,
         write_config,
     )
 
-    text = render_config(settings)
+    text = render_config(settings, detect_version(settings.haproxy.binary))
     if not args.write:
         sys.stdout.write(text)
         return 0
@@ -196,3 +198,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the raw /status JSON")
     p.add_argument("--url", help="status URL (default: from status.listen in the config)")
     p.set_defaults(func=cmd_status)
+
+    drain.register(subparsers)

@@ -46,6 +46,9 @@ DEFAULT_CONNECT_TIMEOUT = 1.0
 # The window over which a failed master's sessions are closed, so that
 # hundreds of clients do not reconnect to the survivors in the same instant.
 DEFAULT_SHUTDOWN_WINDOW = 2.0
+# A drain (`hasentinel drain`) is planned: it moves a master's sessions off
+# more slowly than a failure does, so its watches reconnect as a trickle.
+DEFAULT_DRAIN_WINDOW = 10.0
 
 ALL_DOWN_POLICIES = ("fail_open", "fail_closed")
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -16,7 +16,7 @@ import csv
 import io
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hasentinel.files import atomic_write
 
@@ -56,6 +56,12 @@ class ProcInfo:
         return tuple(w for w in self.workers if w.old)
 
 
+# srv_admin_state bits set by ``set server ... state maint|drain`` (SRV_ADMF_FMAINT,
+# SRV_ADMF_FDRAIN), the same on 2.2 to 3.x.
+ADMIN_FORCED_MAINT = 0x01
+ADMIN_FORCED_DRAIN = 0x08
+
+
 @dataclass(frozen=True)
 class ServerView:
     """One server as HAProxy sees it (from ``show stat``)."""
@@ -68,10 +74,18 @@ class ServerView:
     bytes_out: int
     check_status: str
     address: str
+    # srv_admin_state from ``show servers state``; None when not read.
+    admin_flags: int | None = None
 
     @property
     def admin(self) -> str:
         """The administrative state hasentinel controls: maint, drain or ready."""
+        if self.admin_flags is not None:
+            # The status column says DOWN for a drained server whose check
+            # fails, on every version: only the flags tell drain from ready.
+            if self.admin_flags & ADMIN_FORCED_MAINT:
+                return "maint"
+            return "drain" if self.admin_flags & ADMIN_FORCED_DRAIN else "ready"
         if self.status.startswith("MAINT"):
             return "maint"
         if self.status.startswith("DRAIN"):
@@ -160,6 +174,23 @@ def parse_show_stat(text: str, backend: str = BACKEND) -> dict[str, ServerView]:
             address=row.get("addr", "") or "",
         )
     return views
+
+
+def parse_admin_flags(text: str, backend: str = BACKEND) -> dict[str, int]:
+    """Server name -> srv_admin_state, from ``show servers state`` (columns found by its header)."""
+    columns: list[str] = []
+    flags: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("# be_id"):
+            columns = line[2:].split()
+            continue
+        values = line.split()
+        if not columns or len(values) < len(columns) or line.startswith("#"):
+            continue
+        row = dict(zip(columns, values, strict=False))
+        if row.get("be_name") == backend and row.get("srv_admin_state", "").isdigit():
+            flags[row["srv_name"]] = int(row["srv_admin_state"])
+    return flags
 
 
 def parse_show_sess(text: str, backend: str = BACKEND) -> list[Session]:
@@ -253,7 +284,10 @@ class HAProxyClient:
         raise AssertionError("unreachable")
 
     async def servers(self) -> dict[str, ServerView]:
-        return parse_show_stat(await self.admin("show stat"), self.backend)
+        views = parse_show_stat(await self.admin("show stat"), self.backend)
+        state = await self.admin(f"show servers state {self.backend}")
+        flags = parse_admin_flags(state, self.backend)
+        return {name: replace(view, admin_flags=flags.get(name)) for name, view in views.items()}
 
     async def set_state(self, server: str, state: str) -> None:
         """Set a server's administrative state: ready, maint or drain."""

@@ -217,11 +217,29 @@ class ClusterHealth:
         desired: dict[str, str] = {}
         for name, h in self.masters.items():
             desired[name] = READY if usable(h) else MAINT
-        for name in self.drained & set(self.masters):
+        drained = sorted(self.drained & set(self.masters))
+        for name in drained:
             desired[name] = DRAIN
 
-        up = [n for n, h in self.masters.items() if h.state is State.UP and n not in self.drained]
         in_rotation = [n for n, d in desired.items() if d == READY]
+        if not in_rotation:
+            # A drain never cuts the node off: with no undrained master usable,
+            # the drained ones the probes still find usable take traffic again
+            # (their drain stays recorded and resumes once another master is).
+            spare = [n for n in drained if usable(self.masters[n])]
+            for name in spare:
+                desired[name] = READY
+            in_rotation = spare
+            if spare:
+                problems.append(
+                    "drain overridden for " + ", ".join(spare) + ": no undrained master is usable, "
+                    "so the drained ones stay in rotation"
+                )
+
+        # A drained master is out on purpose (maintenance): it does not make
+        # the node degraded, whatever its health.
+        undrained = [n for n in self.masters if n not in self.drained]
+        up = [n for n in undrained if self.masters[n].state is State.UP]
         down = sorted(n for n, h in self.masters.items() if h.state is State.DOWN)
 
         if not in_rotation:
@@ -246,7 +264,8 @@ class ClusterHealth:
 
         if problems:
             return Decision(DEGRADED, problems[0], desired, tuple(problems))
-        if down or len(up) < len(self.masters):
-            not_up = sorted(set(self.masters) - set(up))
+        if len(up) < len(undrained):
+            not_up = sorted(set(undrained) - set(up))
             return Decision(DEGRADED, "not up: " + ", ".join(not_up), desired, tuple(problems))
-        return Decision(HEALTHY, None, desired, tuple(problems))
+        reason = "drained: " + ", ".join(drained) if drained else None
+        return Decision(HEALTHY, reason, desired, tuple(problems))

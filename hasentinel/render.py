@@ -26,6 +26,11 @@ RETRIES = 2
 # dead master between probes and keeps masters guarded when failing open.
 CHECK_INTERVAL = "2s"
 VALIDATE_TIMEOUT = 30.0
+# From 2.6 on the master hands the listening sockets to a new worker itself;
+# before, the new worker fetches them from the old one over a stats socket with
+# `expose-fd listeners`, or a reload resets connections being accepted.
+# Measured on 2.2 and 2.6 (tests/test_haproxy_matrix.py).
+MASTER_PASSES_LISTENERS = (2, 6)
 
 
 class RenderError(Exception):
@@ -55,8 +60,18 @@ def server_state_file(settings: Settings) -> str:
     return os.path.join(settings.state_dir, "haproxy-server-state")
 
 
-def render_config(settings: Settings) -> str:
-    """The haproxy.cfg text for these settings."""
+def version_tuple(version: str | None) -> tuple[int, int] | None:
+    """``2.6.12-1+deb12u4`` -> (2, 6); None when unknown."""
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def render_config(settings: Settings, haproxy_version: str | None = None) -> str:
+    """The haproxy.cfg text for these settings and this HAProxy version.
+
+    ``haproxy_version`` is what ``haproxy -v`` says (see detect_version); when
+    unknown, the config is the one that works on every supported version.
+    """
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("hasentinel", "templates"),
         undefined=jinja2.StrictUndefined,
@@ -66,6 +81,7 @@ def render_config(settings: Settings) -> str:
         autoescape=False,  # noqa: S701 -- renders an HAProxy config, not HTML
     )
     template = env.get_template("haproxy.cfg.j2")
+    version = version_tuple(haproxy_version)
     servers = [
         {"name": m.name, "address": _address(m.endpoint)}
         for m in sorted(settings.masters, key=lambda m: m.name)
@@ -74,6 +90,7 @@ def render_config(settings: Settings) -> str:
         version=__version__,
         source=settings.source or "(defaults)",
         admin_socket=settings.haproxy.admin_socket,
+        expose_fd=version is None or version < MASTER_PASSES_LISTENERS,
         hard_stop_after=_seconds(settings.haproxy.hard_stop_after),
         server_state_file=server_state_file(settings),
         connect_timeout=_seconds(settings.haproxy.connect_timeout),
@@ -146,6 +163,21 @@ def parse_version(text: str) -> str | None:
         return None
     major, minor, patch, rest = match.groups()
     return f"{major}.{minor}" + (f".{patch}" if patch else "") + (rest or "")
+
+
+_detected: dict[tuple[str, int, int], str | None] = {}
+
+
+def detect_version(binary: str) -> str | None:
+    """binary_version(), run once per binary file (again only when the file is replaced)."""
+    try:
+        st = os.stat(binary)
+    except OSError:
+        return None
+    key = (binary, st.st_mtime_ns, st.st_ino)
+    if key not in _detected:
+        _detected[key] = binary_version(binary)
+    return _detected[key]
 
 
 def binary_version(binary: str) -> str | None:

@@ -21,6 +21,7 @@ import structlog
 from hasentinel import __version__
 from hasentinel.apply import Applier
 from hasentinel.config import ConfigError, Settings, load_settings
+from hasentinel.drainstate import DrainWatcher
 from hasentinel.health import (
     FAILING_OPEN,
     STARTING,
@@ -76,6 +77,7 @@ class Sentinel:
         self._reload_requested = False
         self._clock_offset = time.time() - time.monotonic()
         self._api: Any = None
+        self.drains = DrainWatcher()
 
     # -- time ------------------------------------------------------------
 
@@ -217,12 +219,20 @@ class Sentinel:
             if self._reload_requested:
                 self._reload_requested = False
                 await self._reload_config()
+            self._poll_drains()
             await self._step(first_round_deadline)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), tick)
             except asyncio.TimeoutError:
                 pass
+
+    def _poll_drains(self) -> None:
+        """Follow drained.json (written by `hasentinel drain`): a cheap stat per tick."""
+        known = {m.name for m in self.settings.masters}
+        if self.drains.poll(self.settings.state_dir, known.__contains__):
+            self.cluster.drained = frozenset(self.drains.drains)
+            self.applier.drain_windows = {n: d.window for n, d in self.drains.drains.items()}
 
     async def _step(self, first_round_deadline: float) -> None:
         if not self.settings.configured:

@@ -78,7 +78,10 @@ def _stop_pid(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
 class HAProxyProcess:
     """HAProxy in master-worker mode, in the foreground, as our child."""
 
-    def __init__(self, config: str, master_socket: str, admin_socket: str, log_path: Path) -> None:
+    def __init__(
+        self, config: str, master_socket: str, admin_socket: str, log_path: Path, binary: str = HAPROXY
+    ) -> None:
+        self.binary = binary  # any build from tests/haproxies.py runs the same way
         self.config = config
         self.master_socket = master_socket
         self.admin_socket = admin_socket
@@ -91,7 +94,7 @@ class HAProxyProcess:
             os.unlink(self.master_socket)
         log = open(self.log_path, "ab")  # noqa: SIM115 -- owned by the child for its lifetime
         self.proc = subprocess.Popen(
-            [HAPROXY, "-W", "-S", f"{self.master_socket},mode,600", "-f", self.config],
+            [self.binary, "-W", "-S", f"{self.master_socket},mode,600", "-f", self.config],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -299,6 +302,7 @@ class Node:
             self.data["haproxy"]["master_socket"],
             self.data["haproxy"]["admin_socket"],
             workdir / "haproxy.log",
+            self.data["haproxy"]["binary"],
         )
         self.daemon = DaemonProcess(
             self.config_path, workdir / "hasentinel.log", f"http://127.0.0.1:{self.status_port}/status"
