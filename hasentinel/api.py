@@ -99,6 +99,7 @@ def snapshot(sentinel: Sentinel) -> dict[str, Any]:
             "reloads": haproxy.reloads,
             "failed_reloads": haproxy.failed_reloads,
             "old_workers": haproxy.old_workers,
+            "rebalanced_sessions": haproxy.rebalanced_sessions,
             "last_reload": None
             if haproxy.last_reload is None
             else {**haproxy.last_reload, "at": iso(haproxy.last_reload["at"])},

@@ -16,20 +16,23 @@ restarted hasentinel all converge the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from hasentinel.bindcheck import bind_conflicts
 from hasentinel.config import DEFAULT_DRAIN_WINDOW, Settings
 from hasentinel.files import atomic_write
 from hasentinel.haproxy import HAProxyClient, HAProxyError, ProcInfo, ReloadResult, ServerView
 from hasentinel.health import DRAIN, MAINT, READY
+from hasentinel.rebalance import LONG_LIVED, close_offsets, plan_rebalance
 from hasentinel.render import (
     RenderError,
     detect_version,
@@ -44,6 +47,9 @@ log = structlog.get_logger("hasentinel.apply")
 
 # Sessions of a failed master are closed in this many batches over the window.
 SHUTDOWN_SLICES = 20
+# A recovered master must also pass HAProxy's own check before sessions are
+# moved to it; give up rebalancing if it does not within this many seconds.
+REBALANCE_WAIT_UP = 30.0
 
 
 @dataclass
@@ -57,10 +63,15 @@ class HAProxyStatus:
     reloads: int = 0
     failed_reloads: int = 0
     old_workers: int = 0
+    rebalanced_sessions: int = 0
     last_reload: dict[str, Any] | None = None
     last_error: str | None = None
     config_warnings: list[str] = field(default_factory=list)
     servers: dict[str, ServerView] = field(default_factory=dict)
+
+
+# Recorded after a failed reload: matches no rendered config.
+FAILED_DIGEST = "failed-reload"
 
 
 def _digest(text: str) -> str:
@@ -75,6 +86,9 @@ class Applier:
         self.client = HAProxyClient(settings.haproxy.master_socket, settings.haproxy.admin_socket)
         self.status = HAProxyStatus()
         self._shedding: dict[str, asyncio.Task[None]] = {}
+        self._rebalancing: dict[str, asyncio.Task[None]] = {}
+        # The settings HAProxy runs (as far as we know): the last applied without error.
+        self._loaded: Settings | None = None
         # Per drained master, the window its sessions are moved off over (seconds).
         self.drain_windows: dict[str, float] = {}
         self._config_lock = asyncio.Lock()
@@ -144,6 +158,7 @@ class Applier:
                 return False
             self._note_proc(proc)
             if not changed and not self._running_config_is_stale(proc, digest):
+                self._loaded = settings
                 return False
             return await self._reload(reason, digest)
 
@@ -168,9 +183,20 @@ class Applier:
             self._note_proc(result.after)
         if not result.ok:
             self.status.failed_reloads += 1
+            if not result.answered:
+                # 2.6 says nothing about why: look for the usual cause ourselves.
+                conflicts = await asyncio.to_thread(bind_conflicts, self._loaded, self.settings)
+                if conflicts:
+                    result.detail = "; ".join(conflicts)
+                    self.status.last_reload["error"] = result.detail
+            if result.after is not None:
+                # The old config keeps running: record that it is not this
+                # file's, so that the next apply retries the reload.
+                self._write_record(result.after, FAILED_DIGEST)
             log.error("haproxy_reload_failed", reason=reason, error=result.detail)
             return False
         self.status.reloads += 1
+        self._loaded = self.settings
         assert result.after is not None
         self._write_record(result.after, digest)
         log.info(
@@ -207,6 +233,7 @@ class Applier:
         previous_pid = self.status.master_pid
         was_running = self.status.running
         self._note_proc(proc)
+        self._log_check_changes(self.status.servers, servers)
         self.status.servers = servers
         self.status.running = True
         self.status.last_error = None
@@ -215,6 +242,27 @@ class Applier:
         elif previous_pid is not None and previous_pid != proc.master.pid:
             log.warning("haproxy_restarted", old_master_pid=previous_pid, master_pid=proc.master.pid)
         return True
+
+    @staticmethod
+    def _log_check_changes(old: Mapping[str, ServerView], new: Mapping[str, ServerView]) -> None:
+        """Log HAProxy's own verdicts: its check or passive detection (``observe layer4``).
+
+        They usually come before the probes decide (a killed master is marked
+        down on its first failed connects); states hasentinel set itself
+        (MAINT) are not logged here.
+        """
+        for name, view in sorted(new.items()):
+            before = old.get(name)
+            if before is None or MAINT in (before.admin, view.admin):
+                continue
+            if before.operational and not view.operational:
+                log.warning(
+                    "haproxy_marked_down", master=name, status=view.status, check=view.check_status
+                )
+            elif not before.operational and view.operational:
+                log.info(
+                    "haproxy_marked_up", master=name, status=view.status, check=view.check_status
+                )
 
     # -- applying health -------------------------------------------------
 
@@ -242,6 +290,11 @@ class Applier:
                     continue
                 changes.append((name, view.admin, want))
                 log.info("haproxy_state_applied", master=name, from_state=view.admin, to_state=want)
+                if want == MAINT:
+                    self._stop_rebalancing(name)
+                elif view.admin == MAINT and want == READY and not trust_checks:
+                    # Failing open is no recovery: nothing to move sessions to.
+                    self._start_rebalancing(name)
             failed_check = trust_checks and not view.operational
             if (want == MAINT or failed_check) and (view.sessions > 0 or view.admin != want):
                 self._start_shedding(name)
@@ -300,15 +353,103 @@ class Applier:
                 duration_ms=round((time.monotonic() - start) * 1000, 1),
             )
 
-    async def close(self) -> None:
-        for task in self._shedding.values():
-            task.cancel()
-        for task in self._shedding.values():
+    async def confirm_up(self, names: Collection[str]) -> None:
+        """Tell HAProxy's check that masters the probes just saw recover are up.
+
+        A TLS ``/readyz`` that passed ``rise`` times is stronger evidence than
+        HAProxy's connect check, which re-checks a DOWN server only every
+        ``inter`` and needs its own ``rise``: without this, a master that
+        came back would wait for it, and with every master down (failing
+        open) HAProxy would refuse clients meanwhile. If the master is not
+        in fact reachable, HAProxy's check marks it down again.
+        """
+        for name in sorted(names):
+            view = self.status.servers.get(name)
+            if view is None or view.operational or view.admin == MAINT:
+                continue
             try:
+                await self.client.admin(f"set server {self.client.backend}/{name} health up")
+            except HAProxyError as exc:
+                log.warning("haproxy_health_failed", master=name, error=str(exc))
+                continue
+            log.info("haproxy_health_confirmed", master=name, was=view.status)
+
+    # -- rebalancing after a recovery ------------------------------------
+
+    def _start_rebalancing(self, name: str) -> None:
+        if not self.settings.haproxy.rebalance.enabled:
+            return
+        self._stop_rebalancing(name)
+        self._rebalancing[name] = asyncio.create_task(
+            self._rebalance(name), name=f"rebalance-{name}"
+        )
+
+    def _stop_rebalancing(self, name: str) -> None:
+        task = self._rebalancing.pop(name, None)
+        if task is not None and not task.done():
+            task.cancel()
+            log.info("rebalance_cancelled", master=name, reason="master out of rotation again")
+
+    async def _rebalance(self, name: str) -> None:
+        """Close a bounded share of the other masters' sessions, slowly, once ``name`` is up."""
+        settings = self.settings.haproxy.rebalance
+        returned = time.monotonic()
+        try:
+            servers = await self.client.servers()
+            while not ((view := servers.get(name)) and view.admin == READY and view.operational):
+                if time.monotonic() - returned > REBALANCE_WAIT_UP:
+                    log.warning(
+                        "rebalance_skipped",
+                        master=name,
+                        reason=f"HAProxy's check did not pass within {REBALANCE_WAIT_UP:g}s",
+                    )
+                    return
+                await asyncio.sleep(0.5)
+                servers = await self.client.servers()
+            in_rotation = [n for n, v in servers.items() if v.admin == READY and v.operational]
+            # Only sessions older than the recovery: newer ones already chose.
+            min_age = max(LONG_LIVED, time.monotonic() - returned)
+            sessions = await self.client.sessions()
+            plan = plan_rebalance(sessions, name, in_rotation, settings.share, min_age)
+            if not plan:
+                log.info(
+                    "rebalance_skipped", master=name, reason="moving sessions would not even the load"
+                )
+                return
+            offsets = close_offsets(len(plan), settings)
+            log.info(
+                "rebalance_started",
+                master=name,
+                sessions=len(plan),
+                from_masters=sorted({s.server for s in plan}),
+                duration_s=round(offsets[-1], 2),
+            )
+            start = time.monotonic()
+            for session, offset in zip(plan, offsets, strict=True):
+                delay = start + offset - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await self.client.shutdown_session(session.ident)  # gone already: a no-op
+                self.status.rebalanced_sessions += 1
+        except HAProxyError as exc:
+            log.warning("rebalance_failed", master=name, error=str(exc))
+            return
+        log.info(
+            "rebalance_done",
+            master=name,
+            sessions=len(plan),
+            duration_ms=round((time.monotonic() - start) * 1000, 1),
+        )
+
+    async def close(self) -> None:
+        tasks = [*self._shedding.values(), *self._rebalancing.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         self._shedding.clear()
+        self._rebalancing.clear()
 
 
 __all__ = ["Applier", "HAProxyStatus", "RenderError"]

@@ -46,6 +46,15 @@ DEFAULT_CONNECT_TIMEOUT = 1.0
 # The window over which a failed master's sessions are closed, so that
 # hundreds of clients do not reconnect to the survivors in the same instant.
 DEFAULT_SHUTDOWN_WINDOW = 2.0
+# After a master comes back, up to this share of the long-lived sessions on
+# each other master is closed (only what exceeds an even spread), so their
+# clients reconnect and leastconn evens the load out. 0 disables it.
+DEFAULT_REBALANCE_SHARE = 0.25
+# Those closes are spread over at least this many seconds...
+DEFAULT_REBALANCE_WINDOW = 10.0
+# ...and never more than this many per second: a slow trickle the masters
+# absorb without noticing, even on a node with hundreds of watches.
+DEFAULT_REBALANCE_MAX_PER_SECOND = 5.0
 # A drain (`hasentinel drain`) is planned: it moves a master's sessions off
 # more slowly than a failure does, so its watches reconnect as a trickle.
 DEFAULT_DRAIN_WINDOW = 10.0
@@ -112,6 +121,19 @@ class ProbeSettings:
 
 
 @dataclass(frozen=True)
+class RebalanceSettings:
+    """Moving long-lived sessions back onto a master that recovered. Times in seconds."""
+
+    share: float = DEFAULT_REBALANCE_SHARE
+    window: float = DEFAULT_REBALANCE_WINDOW
+    max_per_second: float = DEFAULT_REBALANCE_MAX_PER_SECOND
+
+    @property
+    def enabled(self) -> bool:
+        return self.share > 0
+
+
+@dataclass(frozen=True)
 class HAProxySettings:
     """hasentinel's own HAProxy instance. Times are in seconds."""
 
@@ -123,6 +145,7 @@ class HAProxySettings:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     hard_stop_after: float = DEFAULT_HARD_STOP_AFTER
     shutdown_window: float = DEFAULT_SHUTDOWN_WINDOW
+    rebalance: RebalanceSettings = field(default_factory=RebalanceSettings)
 
 
 @dataclass(frozen=True)
@@ -328,6 +351,24 @@ def _parse_masters(value: Any, errors: list[str]) -> tuple[Master, ...]:
     return tuple(sorted(masters, key=lambda m: m.name))
 
 
+def _parse_rebalance(r: _Reader) -> RebalanceSettings:
+    share = r.get("share", DEFAULT_REBALANCE_SHARE)
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        r.error("share", f"must be a fraction from 0 (off) to 1, got {share!r}")
+        share = DEFAULT_REBALANCE_SHARE
+    rate = r.get("max_per_second", DEFAULT_REBALANCE_MAX_PER_SECOND)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 10000:
+        r.error("max_per_second", f"must be a number of sessions per second > 0, got {rate!r}")
+        rate = DEFAULT_REBALANCE_MAX_PER_SECOND
+    settings = RebalanceSettings(
+        share=float(share),
+        window=r.number("window", DEFAULT_REBALANCE_WINDOW, minimum=-1e-9, maximum=3600.0),
+        max_per_second=float(rate),
+    )
+    r.finish()
+    return settings
+
+
 def parse_settings(data: Any, source: str | None = None, check_files: bool = True) -> Settings:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     if data is None:
@@ -375,6 +416,7 @@ def parse_settings(data: Any, source: str | None = None, check_files: bool = Tru
         connect_timeout=h.number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, maximum=60.0),
         hard_stop_after=h.number("hard_stop_after", DEFAULT_HARD_STOP_AFTER, maximum=86400.0),
         shutdown_window=h.number("shutdown_window", DEFAULT_SHUTDOWN_WINDOW, minimum=-1e-9, maximum=600.0),
+        rebalance=_parse_rebalance(h.section("rebalance")),
     )
     if check_files:
         if not os.access(haproxy.binary, os.X_OK):

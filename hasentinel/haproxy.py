@@ -22,6 +22,11 @@ from hasentinel.files import atomic_write
 
 BACKEND = "kube-apiservers"
 COMMAND_TIMEOUT = 5.0
+# What a failed reload says when HAProxy gave no reason on the master CLI
+# (2.6 logs it only; 3.0 answers ``Success=0`` with its startup log).
+RELOAD_NO_REASON = (
+    "the new configuration failed to load; see HAProxy's log (journalctl -u hasentinel-haproxy)"
+)
 # After a reload the master CLI refuses connections for up to ~100 ms.
 RELOAD_CONFIRM_TIMEOUT = 15.0
 
@@ -101,6 +106,21 @@ class ServerView:
 class Session:
     ident: str
     server: str
+    age: float | None = None  # seconds, as ``show sess`` rounds it; None if absent
+
+
+_AGE_PART = re.compile(r"(\d+)([dhms])")
+_AGE_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_age(text: str | None) -> float | None:
+    """``show sess`` ages (``7s``, ``1m20s``, ``2h3m``, ``3d4h``) in seconds."""
+    if not text:
+        return None
+    parts = _AGE_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return float(sum(int(n) * _AGE_UNITS[u] for n, u in parts))
 
 
 _PROC_LINE = re.compile(
@@ -202,7 +222,7 @@ def parse_show_sess(text: str, backend: str = BACKEND) -> list[Session]:
             continue
         fields = dict(f.split("=", 1) for f in rest.split() if "=" in f)
         if fields.get("be") == backend and fields.get("srv") not in (None, "<NONE>"):
-            sessions.append(Session(ident, fields["srv"]))
+            sessions.append(Session(ident, fields["srv"], parse_age(fields.get("age"))))
     return sessions
 
 
@@ -248,6 +268,11 @@ class ReloadResult:
     duration: float
     before: ProcInfo | None = None
     after: ProcInfo | None = None
+
+    @property
+    def answered(self) -> bool:
+        """False when HAProxy gave no reason for a failure (2.6 answers nothing to ``reload``)."""
+        return self.ok or self.detail != RELOAD_NO_REASON
 
 
 @dataclass
@@ -335,7 +360,7 @@ class HAProxyClient:
             failed_after = after.master.failed or 0
             if new_workers and not (failed_after > failed_before):
                 return ReloadResult(True, "", time.monotonic() - start, before, after)
-            detail = answer.strip() or "the new configuration failed to load; see HAProxy's log"
+            detail = answer.strip() or RELOAD_NO_REASON
             return ReloadResult(False, detail, time.monotonic() - start, before, after)
 
     async def _proc_after_reload(self, before: ProcInfo, start: float) -> ProcInfo | None:

@@ -75,6 +75,8 @@ class Sentinel:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._reload_requested = False
+        # Masters the probes saw come up since the last step (see Applier.confirm_up).
+        self._recovered: set[str] = set()
         self._clock_offset = time.time() - time.monotonic()
         self._api: Any = None
         self.drains = DrainWatcher()
@@ -187,6 +189,10 @@ class Sentinel:
             )
         if transition is not None:
             self._log_transition(transition)
+            if transition.to_state is State.UP:
+                self._recovered.add(name)
+            else:
+                self._recovered.discard(name)
             self._wake.set()
 
     def _log_transition(self, t: Transition) -> None:
@@ -247,6 +253,9 @@ class Sentinel:
             self._log_state_change(self.decision, decision)
         self.decision = decision
         await self.applier.reconcile(decision.desired, trust_checks=decision.state == FAILING_OPEN)
+        if self._recovered:
+            recovered, self._recovered = self._recovered, set()
+            await self.applier.confirm_up(recovered)
         self._become_ready()
         self.notifier.status(self.summary())
 
