@@ -357,6 +357,26 @@ class TestNode:
         wait_for("the master back up", node.all_up, 30)
         assert node.events("master_up", since)
 
+    def test_drain_reaches_the_sandboxed_daemon(self, node: Node) -> None:
+        """`hasentinel drain` run by root on the node is applied by the hardened daemon, kept across its restart, lifted by undrain."""
+        victim = node.masters[0].name
+        drained = node.container.run(["hasentinel", "drain", victim, "--wait", "--timeout", "60"])
+        assert "no sessions left" in drained.stdout, drained.stdout
+        assert node.masters_state()[victim] == "draining"
+        assert node.status()["state"] == "healthy"  # a drain is planned, not a fault
+        assert node.container.path("/var/lib/hasentinel/drained.json").exists()
+
+        def drain_in_haproxy() -> bool:
+            entry = next(m for m in node.status()["masters"] if m["name"] == victim)
+            return (entry.get("haproxy") or {}).get("admin") == "drain"
+
+        node.container.run(["systemctl", "restart", "hasentinel.service"])
+        wait_for("DRAIN in HAProxy after a restart", drain_in_haproxy, 60)
+        assert node.masters_state()[victim] == "draining"
+
+        node.container.run(["hasentinel", "undrain", victim])
+        wait_for("every master up again", node.all_up, 30)
+
     def test_reload_with_broken_config_keeps_running(self, node: Node) -> None:
         """`systemctl reload` with an invalid file keeps the daemon, its PID and its masters."""
         path = node.container.path(CONFIG)
