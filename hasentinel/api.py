@@ -17,6 +17,7 @@ from aiohttp import web
 from hasentinel import __version__
 from hasentinel.config import Endpoint
 from hasentinel.health import DOWN, DRAIN
+from hasentinel.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from hasentinel.sentinel import Sentinel
@@ -85,6 +86,9 @@ def snapshot(sentinel: Sentinel) -> dict[str, Any]:
         problems.append("configuration rejected, previous one kept: " + "; ".join(sentinel.config_error))
     if sentinel.tls.error:
         problems.append(sentinel.tls.error)
+    certificates = sentinel.certificates
+    if certificates is not None:
+        problems.extend(certificates.problems)
     return {
         "state": state,
         "reason": reason,
@@ -107,6 +111,9 @@ def snapshot(sentinel: Sentinel) -> dict[str, Any]:
             "config": sentinel.settings.haproxy.config,
             "config_warnings": haproxy.config_warnings,
         },
+        "certificates": None
+        if certificates is None
+        else {"checked": iso(certificates.at), "items": [c.to_json() for c in certificates.checks]},
         "daemon": {
             "version": __version__,
             "pid": os.getpid(),
@@ -132,6 +139,7 @@ class StatusServer:
         app = web.Application(middlewares=[self._not_found])
         app.router.add_get("/status", self._status)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._index)
         return app
 
@@ -140,7 +148,8 @@ class StatusServer:
         try:
             response: web.StreamResponse = await handler(request)
         except web.HTTPNotFound:
-            return _json_error(404, f"no such endpoint: {request.path} (try /status, /healthz)")
+            endpoints = "/status, /healthz, /metrics"
+            return _json_error(404, f"no such endpoint: {request.path} (try {endpoints})")
         except web.HTTPMethodNotAllowed:
             return _json_error(405, f"{request.method} not allowed on {request.path}")
         return response
@@ -156,8 +165,13 @@ class StatusServer:
             )
         return web.json_response({"ok": True, "loop_age_s": round(age, 3)})
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        # Set as a header: aiohttp's content_type argument refuses parameters.
+        body = self.sentinel.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
     async def _index(self, request: web.Request) -> web.Response:
-        return web.json_response({"endpoints": ["/status", "/healthz"]})
+        return web.json_response({"endpoints": ["/status", "/healthz", "/metrics"]})
 
     async def start(self, endpoint: Endpoint) -> None:
         self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from hasentinel import drain
+from hasentinel import doctor, drain
 from hasentinel.config import ConfigError, Settings, load_settings
 
 STATUS_TIMEOUT = 5.0
@@ -200,3 +200,4 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_status)
 
     drain.register(subparsers)
+    doctor.register(subparsers)

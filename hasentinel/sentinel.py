@@ -18,8 +18,9 @@ from typing import Any
 
 import structlog
 
-from hasentinel import __version__
+from hasentinel import __version__, certs
 from hasentinel.apply import Applier
+from hasentinel.certs import CertReport
 from hasentinel.config import ConfigError, Settings, load_settings
 from hasentinel.drainstate import DrainWatcher
 from hasentinel.health import (
@@ -30,6 +31,7 @@ from hasentinel.health import (
     State,
     Transition,
 )
+from hasentinel.metrics import Metrics
 from hasentinel.probe import Prober, TLSMaterial
 from hasentinel.render import RenderError
 from hasentinel.systemd import Notifier
@@ -80,6 +82,9 @@ class Sentinel:
         self._clock_offset = time.time() - time.monotonic()
         self._api: Any = None
         self.drains = DrainWatcher()
+        self.metrics = Metrics(self)
+        self.certificates: CertReport | None = None
+        self._cert_task: asyncio.Task[None] | None = None
 
     # -- time ------------------------------------------------------------
 
@@ -109,10 +114,14 @@ class Sentinel:
         try:
             await self._apply_config(self.settings, "start")
             self._start_probers()
+            self._cert_task = asyncio.create_task(self._certificate_loop(), name="certificates")
             await self._main_loop()
         finally:
             log.info("stopping")
             self.notifier.notify("STOPPING=1")
+            if self._cert_task is not None:
+                self._cert_task.cancel()
+                await asyncio.gather(self._cert_task, return_exceptions=True)
             await self._stop_probers()
             await self.applier.close()
             await self._api.stop()
@@ -178,6 +187,7 @@ class Sentinel:
             now,
         )
         log.debug("probe", master=name, ok=result.ok, reason=result.reason, latency=result.latency)
+        self.metrics.probe_observed(name, result)
         previous = self.cluster.masters[name].last if name in self.cluster.masters else None
         transition = self.cluster.observe(name, result, now)
         if result.credentials_problem and (previous is None or not previous.credentials_problem):
@@ -189,6 +199,7 @@ class Sentinel:
             )
         if transition is not None:
             self._log_transition(transition)
+            self.metrics.transition(transition)
             if transition.to_state is State.UP:
                 self._recovered.add(name)
             else:
@@ -211,6 +222,42 @@ class Sentinel:
             log.info("master_up", **fields, hold_down_s=health.hold_down)
         else:
             log.info("master_discovered", **fields)
+
+    # -- certificates ----------------------------------------------------
+
+    async def _certificate_loop(self) -> None:
+        """Check certificate expiry at start and every certs.CHECK_INTERVAL seconds."""
+        while True:
+            try:
+                await self.check_certificates()
+            except Exception as exc:  # a check must never end the hourly loop
+                log.exception("certificate_check_failed", error=str(exc))
+            complete = self.certificates is None or self.certificates.complete
+            await asyncio.sleep(certs.CHECK_INTERVAL if complete else certs.RETRY_INTERVAL)
+
+    async def check_certificates(self) -> None:
+        if not self.settings.configured:
+            return
+        report = await certs.check_all(self.settings)
+        old = self.certificates.checks if self.certificates else []
+        previous = {(c.kind, c.name, c.level) for c in old}
+        self.certificates = report
+        for check in report.checks:
+            # Log a problem when it appears or changes level, not every hour.
+            quiet = check.level in (certs.OK, certs.UNKNOWN)
+            if quiet or (check.kind, check.name, check.level) in previous:
+                continue
+            emit = log.error if check.level == certs.ERROR else log.warning
+            emit(
+                "certificate_problem",
+                kind=check.kind,
+                name=check.name,
+                level=check.level,
+                subject=check.info.subject if check.info else None,
+                not_after=certs.iso(check.info.not_after) if check.info else None,
+                problem=check.message,
+                fix=check.fix,
+            )
 
     # -- the main loop ---------------------------------------------------
 
@@ -320,6 +367,11 @@ class Sentinel:
             self.tls = TLSMaterial(new.probe)
             self.probes = {k: v for k, v in self.probes.items() if k in self.cluster.masters}
             self._start_probers()
+            # New CA, client certificate or masters: check them now, not within the hour.
+            if self._cert_task is not None:
+                self._cert_task.cancel()
+                await asyncio.gather(self._cert_task, return_exceptions=True)
+                self._cert_task = asyncio.create_task(self._certificate_loop(), name="certificates")
         if new.status_listen != old.status_listen:
             await self._api.stop()
             await self._api.start(new.status_listen)
