@@ -46,6 +46,13 @@ MESSAGE_IDS: dict[str, str] = {
     "haproxy_restarted": "5d86bb3505e24d2eae5dc8171fd8e58a",
     "started": "3261d7971ab142508f203a274e18d3db",
     "stopping": "7bdd2075b51b49dea8c68df6696ab25a",
+    "drain_started": "67bd25cc098545d69ba35d264a33308f",
+    "drain_restored": "2f19d646639344caa40164867f74e805",
+    "drain_ended": "0af850b417804d259cff6b5eeb94c4b6",
+    "sessions_shutdown": "1a18d4da337946ed90a88f526f13dd22",
+    "rebalance_started": "4f41d212f41447a68969da52869193ae",
+    "rebalance_done": "c57176de212147cf966468c3637ef66d",
+    "reconcile_failed": "8486dcf0e3724cdeb15da37df76de63f",
 }
 
 # syslog priorities (journald's PRIORITY field).
@@ -74,6 +81,13 @@ _MESSAGES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "probe_unauthorized": lambda e: f"probe of master {_g(e, 'master')} rejected: "
     f"{_g(e, 'reason')}; fix: {_g(e, 'fix')}",
     "certificate_problem": lambda e: f"{_g(e, 'problem')}; fix: {_g(e, 'fix')}",
+    "drain_started": lambda e: f"master {_g(e, 'master')} draining on this node "
+    f"(sessions moved off over {_g(e, 'window_s')} s)",
+    "drain_restored": lambda e: f"master {_g(e, 'master')} still drained on this node "
+    f"(since {_g(e, 'since')})",
+    "drain_ended": lambda e: f"master {_g(e, 'master')} undrained on this node",
+    "sessions_shutdown": lambda e: f"closed {_g(e, 'sessions')} session(s) of master "
+    f"{_g(e, 'master')} ({_g(e, 'cause')}) over {_g(e, 'duration_ms')} ms",
 }
 
 # Keys that journald sets itself, or that we map to fields of our own.
