@@ -76,11 +76,11 @@ def test_message_ids_are_distinct_128_bit_ids() -> None:
 def test_unknown_events_and_structured_values() -> None:
     """An event without a sentence of its own reads 'event key=value'; lists become JSON, None is left out."""
     fields = journal.journal_fields(
-        {"event": "sessions_shutdown", "level": "info", "master": "m1", "pids": [1, 2], "gone": None,
+        {"event": "haproxy_state_applied", "level": "info", "master": "m1", "pids": [1, 2], "gone": None,
          "_private": "x", "2fa": True}
     )  # fmt: skip
     assert "MESSAGE_ID" not in fields
-    assert fields["MESSAGE"] == 'sessions_shutdown master=m1 pids=[1, 2] _private=x 2fa=true'
+    assert fields["MESSAGE"] == 'haproxy_state_applied master=m1 pids=[1, 2] _private=x 2fa=true'
     assert fields["PIDS"] == "[1, 2]"
     assert "GONE" not in fields
     assert fields["PRIVATE"] == "x"  # journal fields may not start with '_' (trusted fields)
