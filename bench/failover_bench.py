@@ -57,6 +57,7 @@ def machine() -> dict[str, Any]:
     except (OSError, IndexError, subprocess.SubprocessError):
         haproxy = "unknown"
     return {
+        "hasentinel": tree_state(),
         "nproc": os.cpu_count(),
         "cpu": cpu,
         "kernel": platform.release(),
@@ -64,6 +65,22 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def tree_state() -> str:
+    """The commit hasentinel was measured at, and whether its package had local changes."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10,
+                check=False,
+            ).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    dirty = git("status", "--porcelain", "--", "hasentinel")
+    return f"{commit} with uncommitted changes in hasentinel/" if dirty else commit
 
 
 def _seconds(value: float | None, cap: float) -> str:
@@ -280,6 +297,7 @@ def report(document: dict[str, Any], rows: list[dict[str, Any]], limits: Limits)
     info = document["machine"]
     return "\n".join([
         f"{info['date']}: {info['nproc']} x {info['cpu']}, kernel {info['kernel']}",
+        f"hasentinel {info['hasentinel']}",
         info["haproxy"],
         f"medians of {document['runs']} run(s); {limits.rate:g} requests/s; "
         f"caps {limits.out_cap:g} s",
@@ -289,4 +307,7 @@ def report(document: dict[str, Any], rows: list[dict[str, Any]], limits: Limits)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # after the matrix: nothing of ours is left running
+        sys.exit(130)
