@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,15 @@ import structlog
 from hasentinel.bindcheck import bind_conflicts
 from hasentinel.config import DEFAULT_DRAIN_WINDOW, Settings
 from hasentinel.files import atomic_write
-from hasentinel.haproxy import HAProxyClient, HAProxyError, ProcInfo, ReloadResult, ServerView
+from hasentinel.haproxy import (
+    RELOAD_NO_REASON,
+    HAProxyClient,
+    HAProxyError,
+    ProcInfo,
+    ReloadResult,
+    ServerView,
+    Session,
+)
 from hasentinel.health import DRAIN, MAINT, READY
 from hasentinel.rebalance import LONG_LIVED, close_offsets, plan_rebalance
 from hasentinel.render import (
@@ -86,11 +95,11 @@ class Applier:
         self.client = HAProxyClient(settings.haproxy.master_socket, settings.haproxy.admin_socket)
         self.status = HAProxyStatus()
         self._shedding: dict[str, asyncio.Task[None]] = {}
+        # Per drained master, the window its sessions are moved off over (seconds).
+        self.drain_windows: dict[str, float] = {}
         self._rebalancing: dict[str, asyncio.Task[None]] = {}
         # The settings HAProxy runs (as far as we know): the last applied without error.
         self._loaded: Settings | None = None
-        # Per drained master, the window its sessions are moved off over (seconds).
-        self.drain_windows: dict[str, float] = {}
         self._config_lock = asyncio.Lock()
 
     # -- configuration and reloads ---------------------------------------
@@ -187,6 +196,8 @@ class Applier:
                 # 2.6 says nothing about why: look for the usual cause ourselves.
                 conflicts = await asyncio.to_thread(bind_conflicts, self._loaded, self.settings)
                 if conflicts:
+                    if result.detail != RELOAD_NO_REASON:
+                        conflicts.append(result.detail)
                     result.detail = "; ".join(conflicts)
                     self.status.last_reload["error"] = result.detail
             if result.after is not None:
@@ -324,6 +335,20 @@ class Applier:
             task.cancel()
             log.info("sessions_shutdown_cancelled", master=name, reason="undrained")
 
+    async def _close_if_unchanged(self, batch: list[Session]) -> int:
+        """Close these sessions, each only if it is still on the server it was listed on.
+
+        A session id is a memory address that HAProxy reuses as soon as the
+        session ends: closing a stale id could cut a new session on a healthy
+        master, so the list is read again right before each batch.
+        """
+        current = {s.ident: s.server for s in await self.client.sessions()}
+        still = [s for s in batch if current.get(s.ident) == s.server]
+        if still:
+            # Several commands in one connection, separated by ';'.
+            await self.client.admin("; ".join(f"shutdown session {s.ident}" for s in still))
+        return len(still)
+
     async def _shed(self, name: str, window: float, cause: str = "down") -> None:
         """Close a master's sessions, spread over ``window`` seconds."""
         start = time.monotonic()
@@ -336,8 +361,7 @@ class Applier:
                     delay = start + window * index / count - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    # Several commands in one connection, separated by ';'.
-                    await self.client.admin("; ".join(f"shutdown session {s.ident}" for s in batch))
+                    await self._close_if_unchanged(batch)
             # Whatever is left (or everything, with no window) goes at once.
             await self.client.shutdown_sessions(name)
         except HAProxyError as exc:
@@ -413,7 +437,10 @@ class Applier:
             plan = plan_rebalance(sessions, name, in_rotation, settings.share, min_age)
             if not plan:
                 log.info(
-                    "rebalance_skipped", master=name, reason="moving sessions would not even the load"
+                    "rebalance_skipped",
+                    master=name,
+                    reason="moving sessions would not even the load",
+                    sessions=dict(Counter(s.server for s in sessions if s.server in in_rotation)),
                 )
                 return
             offsets = close_offsets(len(plan), settings)
@@ -429,8 +456,7 @@ class Applier:
                 delay = start + offset - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await self.client.shutdown_session(session.ident)  # gone already: a no-op
-                self.status.rebalanced_sessions += 1
+                self.status.rebalanced_sessions += await self._close_if_unchanged([session])
         except HAProxyError as exc:
             log.warning("rebalance_failed", master=name, error=str(exc))
             return

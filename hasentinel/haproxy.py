@@ -268,11 +268,9 @@ class ReloadResult:
     duration: float
     before: ProcInfo | None = None
     after: ProcInfo | None = None
-
-    @property
-    def answered(self) -> bool:
-        """False when HAProxy gave no reason for a failure (2.6 answers nothing to ``reload``)."""
-        return self.ok or self.detail != RELOAD_NO_REASON
+    # False when HAProxy gave no reason for a failure: 2.2 and 2.6 answer
+    # nothing to ``reload``, and 2.2 has no failed counter to confirm it by.
+    answered: bool = True
 
 
 @dataclass
@@ -353,6 +351,7 @@ class HAProxyClient:
                     f"reload not confirmed by show proc within {RELOAD_CONFIRM_TIMEOUT:g}s",
                     time.monotonic() - start,
                     before,
+                    answered=False,
                 )
             old_pids = {w.pid for w in before.workers}
             new_workers = [w for w in after.current_workers if w.pid not in old_pids]
@@ -361,7 +360,9 @@ class HAProxyClient:
             if new_workers and not (failed_after > failed_before):
                 return ReloadResult(True, "", time.monotonic() - start, before, after)
             detail = answer.strip() or RELOAD_NO_REASON
-            return ReloadResult(False, detail, time.monotonic() - start, before, after)
+            return ReloadResult(
+                False, detail, time.monotonic() - start, before, after, answered=bool(answer.strip())
+            )
 
     async def _proc_after_reload(self, before: ProcInfo, start: float) -> ProcInfo | None:
         delay = 0.02

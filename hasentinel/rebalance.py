@@ -38,6 +38,9 @@ def plan_rebalance(
     masters so that the closes are spread over all of them.
     """
     members = set(in_rotation) | {recovered}
+    # Short requests come and go by themselves (and just went to the master
+    # that came back): only the long-lived sessions count for the spread.
+    sessions = [s for s in sessions if s.age is not None and s.age >= min_age]
     counts = Counter(s.server for s in sessions if s.server in members)
     fair = sum(counts.values()) / len(members)
 
@@ -49,7 +52,7 @@ def plan_rebalance(
         allowed = min(excess, max(1, math.floor(share * counts[server])))
         if allowed <= 0:
             continue
-        old = [s for s in sessions if s.server == server and s.age is not None and s.age >= min_age]
+        old = [s for s in sessions if s.server == server]
         old.sort(key=lambda s: s.age or 0.0, reverse=True)
         per_server.append(old[:allowed])
 

@@ -37,8 +37,8 @@ def test_killed_master_under_load_fails_no_request(
             RequestLoad(node, pki.ca_pem_path, threads=6) as load:
         load.wait_count(150)
         assert load.served_since(0)["master-2"] > 0
+        masters[1].kill()  # returns once the process is reaped: dead
         killed_at = time.time()
-        masters[1].kill()
         out_at = wait_for(
             lambda: not node.haproxy.server_status()["master-2"].startswith("UP") and time.time(),
             5,
@@ -48,8 +48,9 @@ def test_killed_master_under_load_fails_no_request(
         m2 = wait_master(node, "master-2", "down", 5)
         load.wait_count(load.count + 200)
 
-    # Requests on master 2 when it died die with it (TCP cannot move them);
-    # every request started after the kill succeeds.
+    # Requests on master 2 when it died die with it (TCP cannot move them,
+    # also those its kernel had accepted but it had not served yet); every
+    # request started after its death succeeds.
     failed = load.failures()
     assert [f for f in failed if f.at >= killed_at] == [], failed
     assert len(failed) <= load.threads, failed

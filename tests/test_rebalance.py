@@ -95,3 +95,10 @@ def test_session_ages_parse_haproxy_formats() -> None:
         "srv=master-1 ts=00 epoch=0 age=1m5s calls=3 rate=0 cpu=0 lat=0 rq[f=848000h]"
     )
     assert parse_show_sess(line) == [Session("0x55c0a5e0b9b0", "master-1", 65.0)]
+
+
+def test_short_requests_on_the_recovered_master_do_not_hide_the_imbalance() -> None:
+    """Young sessions (requests just sent to the master that came back) do not count for the spread."""
+    requests = [Session(f"0xr{n}", "c", 0.0) for n in range(4)]
+    plan = plan_rebalance(sessions(a=6, b=6) + requests, "c", ["a", "b", "c"], share=0.25)
+    assert sorted(s.server for s in plan) == ["a", "b"]
