@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from haproxies import parse_show_proc
 
 REPO = Path(__file__).resolve().parent.parent
 HAPROXY = "/usr/sbin/haproxy"
@@ -134,11 +135,8 @@ class HAProxyProcess:
         return pids
 
     def master_reloads(self) -> int:
-        for line in self.master("show proc").splitlines():
-            parts = line.split()
-            if len(parts) > 2 and parts[1] == "master":
-                return int(parts[2])
-        raise AssertionError("no master line in show proc")
+        # Parsed by its header: 2.2 has a <relative PID> column before <reloads>.
+        return parse_show_proc(self.master("show proc")).master.reloads
 
     def server_status(self) -> dict[str, str]:
         """Server name -> status column of ``show stat`` for the apiserver backend."""

@@ -171,6 +171,7 @@ def _core_scenarios(node: Node, build: HAProxyBuild, pki: TestPKI, masters: list
         after = show_proc(node)
         assert after.master.pid == before.master.pid
         assert after.master.reloads == before.master.reloads + 1
+        assert node.haproxy.master_reloads() == after.master.reloads
         assert after.master.failed == before.master.failed  # None on 2.2, which has no counter
         assert [w.pid for w in after.workers] == reloaded[0]["worker_pids"]
         assert not {w.pid for w in after.workers} & {w.pid for w in before.workers}
