@@ -40,6 +40,7 @@ DEBIAN_NAMES = {
     "structlog": "python3-structlog",
     "sdnotify": "python3-sdnotify",
     "prometheus-client": "python3-prometheus-client",
+    "cryptography": "python3-cryptography",
 }
 # A module the daemon imports -> the Debian package that provides it.
 MODULE_PACKAGES = {
