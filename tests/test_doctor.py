@@ -259,3 +259,24 @@ def test_haproxy_older_than_2_2_is_an_error(tmp_path: Path, pki: TestPKI) -> Non
     assert [(f.level, f.message) for f in report.findings] == [
         ("error", f"HAProxy 2.0.33-1 ({fake}) is too old; hasentinel needs 2.2+")
     ]
+
+
+@pytest.mark.parametrize("label", ["2.2", "2.6", "3.0"])
+def test_supported_haproxy_versions_pass(label: str, tmp_path: Path, pki: TestPKI) -> None:
+    """The real 2.2, 2.6 and 3.0 builds are read from `haproxy -v` and accepted."""
+    from tests import haproxies
+
+    build = next((b for b in haproxies.available() if b.label == label), None)
+    if build is None:
+        pytest.skip(haproxies.missing()[label])
+    config = tmp_path / "hasentinel.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"masters": ["127.0.1.1"], "probe": {"ca_file": str(pki.ca_pem_path)}, "haproxy": {"binary": build.binary}}
+        )
+    )
+    report = doctor.Report()
+    doctor.check_haproxy_version(report, load_settings(config))
+    assert [(f.level, f.message) for f in report.findings] == [
+        ("ok", f"HAProxy {build.package_version} ({build.binary}) is supported (2.2 or newer)")
+    ]
