@@ -36,7 +36,9 @@ def iso(timestamp: float | None) -> str | None:
 def snapshot(sentinel: Sentinel) -> dict[str, Any]:
     """The /status document."""
     haproxy = sentinel.applier.status
-    decision = sentinel.decision
+    # Decided afresh (the model is pure and cheap), so that the overall state
+    # always agrees with the masters listed, even between two reconcile passes.
+    decision = sentinel.decision if not sentinel.ready else sentinel.cluster.decide()
     masters = []
     for master in sentinel.settings.masters:
         health = sentinel.cluster.masters.get(master.name)

@@ -201,3 +201,8 @@ def register(subparsers: Any) -> None:
 
     drain.register(subparsers)
     doctor.register(subparsers)
+
+    from hasentinel import kubeconfig, nodeinit
+
+    nodeinit.register(subparsers)
+    kubeconfig.register(subparsers)

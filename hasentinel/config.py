@@ -46,6 +46,9 @@ DEFAULT_CONNECT_TIMEOUT = 1.0
 # The window over which a failed master's sessions are closed, so that
 # hundreds of clients do not reconnect to the survivors in the same instant.
 DEFAULT_SHUTDOWN_WINDOW = 2.0
+# A drain (`hasentinel drain`) is planned: it moves a master's sessions off
+# more slowly than a failure does, so its watches reconnect as a trickle.
+DEFAULT_DRAIN_WINDOW = 10.0
 # After a master comes back, up to this share of the long-lived sessions on
 # each other master is closed (only what exceeds an even spread), so their
 # clients reconnect and leastconn evens the load out. 0 disables it.
@@ -55,9 +58,6 @@ DEFAULT_REBALANCE_WINDOW = 10.0
 # ...and never more than this many per second: a slow trickle the masters
 # absorb without noticing, even on a node with hundreds of watches.
 DEFAULT_REBALANCE_MAX_PER_SECOND = 5.0
-# A drain (`hasentinel drain`) is planned: it moves a master's sessions off
-# more slowly than a failure does, so its watches reconnect as a trickle.
-DEFAULT_DRAIN_WINDOW = 10.0
 
 ALL_DOWN_POLICIES = ("fail_open", "fail_closed")
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -150,6 +150,17 @@ class MasterHealth:
         self.transitions += 1
         return transition
 
+    def suspect(self, now: float) -> bool:
+        """True while a streak toward a change of state is under way (and not held down).
+
+        The daemon probes faster then, to confirm or dismiss the change sooner.
+        """
+        if self.state is State.UP:
+            return self.failures > 0
+        if self.state is State.DOWN:
+            return self.successes > 0 and now >= self.held_until
+        return False
+
     @property
     def credentials_problem(self) -> bool:
         return self.last is not None and self.last.credentials_problem

@@ -216,3 +216,30 @@ def test_membership_change_keeps_history_of_remaining_masters() -> None:
 def test_no_masters_is_unconfigured() -> None:
     """An empty cluster reports unconfigured."""
     assert ClusterHealth(2, 2).decide().state == UNCONFIGURED
+
+
+def test_suspect_while_a_change_is_being_confirmed() -> None:
+    """A master is suspect between the first result against its state and the transition."""
+    health = MasterHealth("m", 3, 3)
+    health.observe(OK, 0)
+    assert not health.suspect(0)
+    health.observe(FAIL, 1)
+    assert health.suspect(1)
+    health.observe(OK, 2)
+    assert not health.suspect(2)
+    feed(health, [FAIL] * 3, start=3)
+    assert health.state is State.DOWN and not health.suspect(6)
+    health.observe(OK, 7 + FLAP_WINDOW)
+    assert health.suspect(7 + FLAP_WINDOW)
+
+
+def test_a_held_down_master_is_not_probed_faster() -> None:
+    """During a hold-down, passing probes do not make the master suspect."""
+    health = MasterHealth("m", 1, 1)
+    health.observe(OK, 0)
+    health.observe(FAIL, 1)
+    health.observe(OK, 2)
+    health.observe(FAIL, 3)  # flapping: held down
+    assert health.held_until > 3.5
+    health.observe(OK, 3.5)
+    assert not health.suspect(3.5)
