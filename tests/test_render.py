@@ -131,3 +131,15 @@ def test_installed_haproxy_version_is_read() -> None:
 def test_version_strings_of_each_supported_release_parse(text: str, expected: str | None) -> None:
     """2.2 spells itself HA-Proxy; both spellings parse."""
     assert parse_version(text) == expected
+
+
+@needs_haproxy
+def test_without_masters_nothing_listens_on_the_local_endpoint(tmp_path: Path) -> None:
+    """A fresh install (no masters) renders a valid config that binds only the stats page."""
+    s = settings_for(tmp_path, [])
+    text = render_config(s)
+    assert f"bind {s.listen}" not in text
+    assert "backend kube-apiservers" not in text
+    ensure_server_state_file(s)
+    validation = write_config(HAPROXY, s.haproxy.config, text)
+    assert validation.ok and validation.warnings == []
