@@ -130,7 +130,7 @@ def format_status(document: dict[str, Any]) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     hp = document.get("haproxy", {})
     running = "running" if hp.get("running") else "NOT RUNNING"
     lines.append(

@@ -312,10 +312,9 @@ def _parse_masters(value: Any, errors: list[str]) -> tuple[Master, ...]:
     masters: list[Master] = []
     names: dict[str, int] = {}
     endpoints: dict[tuple[str, int], int] = {}
-    for index, item in enumerate(value):
+    for index, raw in enumerate(value):
         prefix = f"masters[{index}]"
-        if isinstance(item, str):
-            item = {"address": item}
+        item = {"address": raw} if isinstance(raw, str) else raw
         if not isinstance(item, dict):
             errors.append(f"{prefix}: must be a mapping with address (and optional name, port)")
             continue
@@ -418,9 +417,8 @@ def parse_settings(data: Any, source: str | None = None, check_files: bool = Tru
         shutdown_window=h.number("shutdown_window", DEFAULT_SHUTDOWN_WINDOW, minimum=-1e-9, maximum=600.0),
         rebalance=_parse_rebalance(h.section("rebalance")),
     )
-    if check_files:
-        if not os.access(haproxy.binary, os.X_OK):
-            h.error("binary", f"{haproxy.binary} is not an executable file (apt install haproxy)")
+    if check_files and not os.access(haproxy.binary, os.X_OK):
+        h.error("binary", f"{haproxy.binary} is not an executable file (apt install haproxy)")
     for name in ("config", "master_socket", "admin_socket"):
         if not os.path.isabs(getattr(haproxy, name)):
             h.error(name, f"must be an absolute path, got {getattr(haproxy, name)!r}")

@@ -12,6 +12,7 @@ failed reload raises ``[failed: N]``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import re
@@ -247,16 +248,14 @@ async def send_command(path: str, command: str, timeout: float = COMMAND_TIMEOUT
             data = await reader.read()
         finally:
             writer.close()
-            try:
+            with contextlib.suppress(OSError):
                 await writer.wait_closed()
-            except OSError:
-                pass
         return data.decode(errors="replace")
 
     try:
         return await asyncio.wait_for(exchange(), timeout)
     except asyncio.TimeoutError:
-        raise HAProxyError(f"{path}: no answer to {command.split()[0]!r} within {timeout:g}s") from None
+        raise HAProxyError(f"{path}: no answer to {command.split(maxsplit=1)[0]!r} within {timeout:g}s") from None
     except OSError as exc:
         raise HAProxyError(f"{path}: {exc.strerror or exc}") from None
 

@@ -175,7 +175,7 @@ class Sentinel:
     async def _probe_loop(self, prober: Prober) -> None:
         interval = self.settings.probe.interval
         # Start at a random point of the first interval: no lockstep across masters or nodes.
-        await asyncio.sleep(random.uniform(0, interval * JITTER))
+        await asyncio.sleep(random.uniform(0, interval * JITTER))  # noqa: S311 -- jitter, not cryptography
         while True:
             started = time.monotonic()
             result = await prober.probe()
@@ -184,7 +184,7 @@ class Sentinel:
             # While a change is being confirmed, probe faster (like HAProxy's
             # fastinter): a failing master is out sooner, a recovered one back sooner.
             pause = interval * SUSPECT_FACTOR if health and health.suspect(time.monotonic()) else interval
-            spread = pause * random.uniform(-JITTER, JITTER)
+            spread = pause * random.uniform(-JITTER, JITTER)  # noqa: S311 -- jitter
             await asyncio.sleep(max(0.0, pause + spread - (time.monotonic() - started)))
 
     def _on_result(self, name: str, result: Any) -> None:
@@ -349,7 +349,7 @@ class Sentinel:
 
     def _log_state_change(self, old: Decision, new: Decision) -> None:
         fields = {"from_state": old.state, "to_state": new.state, "reason": new.reason}
-        if new.state == FAILING_OPEN or new.state == "down":
+        if new.state in (FAILING_OPEN, "down"):
             log.error("all_masters_down", policy=self.settings.all_down, **fields)
         else:
             log.info("state_changed", **fields)

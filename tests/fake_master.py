@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -501,7 +502,8 @@ def quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, 
 
 
 async def watch_parent(parent: int, stop: asyncio.Event) -> None:
-    while os.getppid() == parent:
+    # Polling is the only way to learn that the parent died (no event for it).
+    while os.getppid() == parent:  # noqa: ASYNC110
         await asyncio.sleep(1.0)
     stop.set()
 
@@ -557,10 +559,8 @@ async def serve(args: argparse.Namespace) -> int:
         server.abort_all()  # do not wait for TLS close_notify from clients
         await control_runner.cleanup()
         if control_bound:  # never remove a socket some other process owns
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(args.control)
-            except OSError:
-                pass
     return 0
 
 
