@@ -303,7 +303,8 @@ class Applier:
                 log.info("haproxy_state_applied", master=name, from_state=view.admin, to_state=want)
                 if want == MAINT:
                     self._stop_rebalancing(name)
-                elif view.admin == MAINT and want == READY and not trust_checks:
+                elif view.admin in (MAINT, DRAIN) and want == READY and not trust_checks:
+                    # Back from a failure or a drain: move some sessions to it.
                     # Failing open is no recovery: nothing to move sessions to.
                     self._start_rebalancing(name)
             failed_check = trust_checks and not view.operational
