@@ -69,6 +69,7 @@ def machine() -> dict[str, Any]:
 
 def tree_state() -> str:
     """The commit hasentinel was measured at, and whether its package had local changes."""
+
     def git(*args: str) -> str:
         try:
             return subprocess.run(
@@ -148,7 +149,9 @@ def table(rows: list[dict[str, Any]], limits: Limits) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for index, line in enumerate(lines):
-        out.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |")
+        out.append(
+            "| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |"
+        )
         if index == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)

@@ -352,7 +352,9 @@ class Bench:
         outcome.extra["failures_by_kind"] = kinds
         # When each failed request started, relative to the fault: one started in
         # the first milliseconds was already on its way to the victim.
-        outcome.extra["failure_offsets_s"] = [round(r[0] - t0, 3) for r in window if r[2] != "ok"][:20]
+        outcome.extra["failure_offsets_s"] = [round(r[0] - t0, 3) for r in window if r[2] != "ok"][
+            :20
+        ]
         outcome.extra["failed_before_fault"] = sum(
             1 for r in record["requests"] if r[0] < t0 and r[2] != "ok"
         )
@@ -364,8 +366,10 @@ class Bench:
         flood_args = ["--concurrency", str(limits.flood_concurrency),
                       "--timeout", str(limits.request_timeout)]  # fmt: skip
         durations: list[float] = []
-        with load("requests", setup.listen_port, self.ca_file, workdir, *request_args) as client, \
-                load("flood", setup.listen_port, self.ca_file, workdir, *flood_args) as flood:
+        with (
+            load("requests", setup.listen_port, self.ca_file, workdir, *request_args) as client,
+            load("flood", setup.listen_port, self.ca_file, workdir, *flood_args) as flood,
+        ):
             time.sleep(WARMUP)
             t0 = time.time()
             for index in range(limits.reloads):

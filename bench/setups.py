@@ -167,7 +167,9 @@ class Setup:
                 for row in rows.values()
             )
 
-        wait_for(all_up_and_settled, START_TIMEOUT, what=f"{self.name}: every master UP, full health")
+        wait_for(
+            all_up_and_settled, START_TIMEOUT, what=f"{self.name}: every master UP, full health"
+        )
         if self.node is not None:
             node = self.node
             wait_for(

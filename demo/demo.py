@@ -80,12 +80,16 @@ class Demo:
     def start(self) -> None:
         say("Starting three local TLS masters (kube-apiserver stand-ins) on 127.0.2.1-3:6443")
         self.pki = TestPKI(self.workdir / "pki")
-        self.masters = start_masters(self.pki, self.workdir / "masters", count=3, base="127.0.2.", port=6443)
+        self.masters = start_masters(
+            self.pki, self.workdir / "masters", count=3, base="127.0.2.", port=6443
+        )
         for m in self.masters:
             print(f"   {m.name}  https://{m.address}:{m.port}  pid {m.pid}")
 
         data = {
-            "masters": [{"name": m.name, "address": m.address, "port": m.port} for m in self.masters],
+            "masters": [
+                {"name": m.name, "address": m.address, "port": m.port} for m in self.masters
+            ],
             "listen": f"127.0.0.1:{self.listen_port}",
             "probe": {"ca_file": str(self.pki.ca_pem_path)},
             "haproxy": {
@@ -111,7 +115,9 @@ class Demo:
         )  # fmt: skip
         log.close()
         self.processes.append(haproxy)
-        print(f"   HAProxy pid {haproxy.pid}, clients connect to https://127.0.0.1:{self.listen_port}")
+        print(
+            f"   HAProxy pid {haproxy.pid}, clients connect to https://127.0.0.1:{self.listen_port}"
+        )
 
         say("Starting hasentinel run")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -178,9 +184,13 @@ class Demo:
         context = ssl.create_default_context(cafile=str(self.pki.ca_pem_path))
         served: Counter[str] = Counter()
         for _ in range(count):
-            with socket.create_connection(("127.0.0.1", self.listen_port), timeout=3) as raw, \
-                    context.wrap_socket(raw, server_hostname="kubernetes") as tls:
-                tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: kubernetes\r\nConnection: close\r\n\r\n")
+            with (
+                socket.create_connection(("127.0.0.1", self.listen_port), timeout=3) as raw,
+                context.wrap_socket(raw, server_hostname="kubernetes") as tls,
+            ):
+                tls.sendall(
+                    b"GET /whoami HTTP/1.1\r\nHost: kubernetes\r\nConnection: close\r\n\r\n"
+                )
                 data = b""
                 while chunk := tls.recv(65536):
                     data += chunk
@@ -247,11 +257,16 @@ class Demo:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--once", action="store_true", help="exit after the failover instead of staying up")
+    parser.add_argument(
+        "--once", action="store_true", help="exit after the failover instead of staying up"
+    )
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between the steps")
     args = parser.parse_args()
     if not os.access(HAPROXY, os.X_OK):
-        print(f"demo: {HAPROXY} not found; run scripts/demo (it installs haproxy) as root", file=sys.stderr)
+        print(
+            f"demo: {HAPROXY} not found; run scripts/demo (it installs haproxy) as root",
+            file=sys.stderr,
+        )
         return 1
 
     workdir = Path(tempfile.mkdtemp(prefix="hasentinel-demo-"))

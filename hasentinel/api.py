@@ -85,7 +85,9 @@ def snapshot(sentinel: Sentinel) -> dict[str, Any]:
         state, reason = DOWN, f"HAProxy not reachable: {haproxy.last_error}"
     problems = list(decision.problems)
     if sentinel.config_error:
-        problems.append("configuration rejected, previous one kept: " + "; ".join(sentinel.config_error))
+        problems.append(
+            "configuration rejected, previous one kept: " + "; ".join(sentinel.config_error)
+        )
     if sentinel.tls.error:
         problems.append(sentinel.tls.error)
     certificates = sentinel.certificates

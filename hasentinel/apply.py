@@ -131,7 +131,8 @@ class Applier:
         """
         record = self._read_record()
         same_process = (
-            record.get("master_pid") == proc.master.pid and record.get("reloads") == proc.master.reloads
+            record.get("master_pid") == proc.master.pid
+            and record.get("reloads") == proc.master.reloads
         )
         return same_process and record.get("config") != digest
 
@@ -251,7 +252,9 @@ class Applier:
         if not was_running:
             log.info("haproxy_reachable", master_pid=proc.master.pid, version=proc.master.version)
         elif previous_pid is not None and previous_pid != proc.master.pid:
-            log.warning("haproxy_restarted", old_master_pid=previous_pid, master_pid=proc.master.pid)
+            log.warning(
+                "haproxy_restarted", old_master_pid=previous_pid, master_pid=proc.master.pid
+            )
         return True
 
     @staticmethod

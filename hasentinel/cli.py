@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.register(subparsers)
     # `--config` is accepted after the subcommand too (`hasentinel status --config F`).
     for subparser in subparsers.choices.values():
-        subparser.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH", help="configuration file")
+        subparser.add_argument(
+            "--config", default=argparse.SUPPRESS, metavar="PATH", help="configuration file"
+        )
     return parser
 
 

@@ -81,7 +81,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         ensure_server_state_file(settings)
         validation = write_config(settings.haproxy.binary, path, text)
     except RenderError as exc:
-        print(f"haproxy rejected the rendered config, {path} left unchanged:\n{exc}", file=sys.stderr)
+        print(
+            f"haproxy rejected the rendered config, {path} left unchanged:\n{exc}", file=sys.stderr
+        )
         return 1
     except OSError as exc:
         print(f"cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
@@ -108,7 +110,10 @@ def status_exit_code(document: dict[str, Any]) -> int:
 
 
 def format_status(document: dict[str, Any]) -> str:
-    lines = [f"state: {document['state']}" + (f" ({document['reason']})" if document.get("reason") else "")]
+    lines = [
+        f"state: {document['state']}"
+        + (f" ({document['reason']})" if document.get("reason") else "")
+    ]
     for problem in document.get("problems", []):
         lines.append(f"problem: {problem}")
     rows = [("MASTER", "ADDRESS", "STATE", "SINCE", "PROBE", "HAPROXY", "SESSIONS", "REASON")]
@@ -122,7 +127,8 @@ def format_status(document: dict[str, Any]) -> str:
                 f"{m['address']}:{m['port']}",
                 m["state"],
                 (m.get("since") or "-").replace("T", " ")[:19],
-                ("ok" if probe.get("ok") else "fail") + (f" {latency:.1f}ms" if latency is not None else ""),
+                ("ok" if probe.get("ok") else "fail")
+                + (f" {latency:.1f}ms" if latency is not None else ""),
                 view.get("status", "-"),
                 str(view.get("sessions", "-")),
                 m.get("reason") or "",
@@ -130,7 +136,9 @@ def format_status(document: dict[str, Any]) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        lines.append(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
     hp = document.get("haproxy", {})
     running = "running" if hp.get("running") else "NOT RUNNING"
     lines.append(
@@ -146,14 +154,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             settings = load_settings(args.config, check_files=False)
         except ConfigError as exc:
-            print(f"{args.config}: invalid configuration: {exc.errors[0]} (or pass --url)", file=sys.stderr)
+            print(
+                f"{args.config}: invalid configuration: {exc.errors[0]} (or pass --url)",
+                file=sys.stderr,
+            )
             return EXIT_DOWN
         url = f"http://{settings.status_listen}/status"
     try:
         document = fetch_status(url)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        print(f"hasentinel is not answering on {url}: {reason} (systemctl status hasentinel)", file=sys.stderr)
+        print(
+            f"hasentinel is not answering on {url}: {reason} (systemctl status hasentinel)",
+            file=sys.stderr,
+        )
         return EXIT_DOWN
     if args.json:
         print(json.dumps(document, indent=2))
@@ -168,7 +182,9 @@ def register(subparsers: Any) -> None:
         help="run the daemon",
         description="Probe every master and keep HAProxy in line with the result, until stopped.",
     )
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="override log.level")
+    p.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="override log.level"
+    )
     p.set_defaults(func=cmd_run)
 
     p = subparsers.add_parser(
@@ -183,8 +199,12 @@ def register(subparsers: Any) -> None:
         help="print the haproxy.cfg hasentinel would write",
         description="Print the haproxy.cfg rendered from the configuration; --write validates and writes it.",
     )
-    p.add_argument("--write", action="store_true", help="validate with haproxy -c and write haproxy.config")
-    p.add_argument("--if-missing", action="store_true", help="with --write: only if the file does not exist")
+    p.add_argument(
+        "--write", action="store_true", help="validate with haproxy -c and write haproxy.config"
+    )
+    p.add_argument(
+        "--if-missing", action="store_true", help="with --write: only if the file does not exist"
+    )
     p.set_defaults(func=cmd_render)
 
     p = subparsers.add_parser(

@@ -225,7 +225,9 @@ class _Reader:
         value = self.data.get(name, default)
         return default if value is None and default is not None else value
 
-    def number(self, name: str, default: float, minimum: float = 0.0, maximum: float = 3600.0) -> float:
+    def number(
+        self, name: str, default: float, minimum: float = 0.0, maximum: float = 3600.0
+    ) -> float:
         value = self.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.error(name, f"must be a number of seconds, got {value!r}")
@@ -289,7 +291,9 @@ class _Reader:
 
     def finish(self) -> None:
         for unknown in sorted(set(self.data) - self.seen, key=str):
-            self.errors.append(f"{self.key(str(unknown))}: unknown key (check its spelling and level)")
+            self.errors.append(
+                f"{self.key(str(unknown))}: unknown key (check its spelling and level)"
+            )
 
 
 def _check_readable(reader: _Reader, name: str, path: str | None) -> None:
@@ -306,7 +310,9 @@ def _parse_masters(value: Any, errors: list[str]) -> tuple[Master, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        errors.append(f"masters: must be a list of {{name, address, port}}, got {type(value).__name__}")
+        errors.append(
+            f"masters: must be a list of {{name, address, port}}, got {type(value).__name__}"
+        )
         return ()
 
     masters: list[Master] = []
@@ -414,7 +420,9 @@ def parse_settings(data: Any, source: str | None = None, check_files: bool = Tru
         stats=h.endpoint("stats", DEFAULT_STATS, loopback_only=True, nullable=True),
         connect_timeout=h.number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, maximum=60.0),
         hard_stop_after=h.number("hard_stop_after", DEFAULT_HARD_STOP_AFTER, maximum=86400.0),
-        shutdown_window=h.number("shutdown_window", DEFAULT_SHUTDOWN_WINDOW, minimum=-1e-9, maximum=600.0),
+        shutdown_window=h.number(
+            "shutdown_window", DEFAULT_SHUTDOWN_WINDOW, minimum=-1e-9, maximum=600.0
+        ),
         rebalance=_parse_rebalance(h.section("rebalance")),
     )
     if check_files and not os.access(haproxy.binary, os.X_OK):
@@ -475,4 +483,3 @@ def load_settings(path: str | os.PathLike[str], check_files: bool = True) -> Set
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"(yaml){where}: {problem}"], source) from None
     return parse_settings(data, source, check_files=check_files)
-

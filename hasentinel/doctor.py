@@ -343,4 +343,3 @@ def register(subparsers: Any) -> None:
     p.add_argument("--systemctl", help=argparse.SUPPRESS)
     p.add_argument("--systemd-dir", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_doctor)
-

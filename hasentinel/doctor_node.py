@@ -133,8 +133,14 @@ def check_kubeconfig(settings: Settings, path: str) -> KubeCheck:
     if isinstance(tls_name, str) and tls_name:
         check.local_name = (tls_name, f"tls-server-name in {path}")
     if not isinstance(server, str):
-        check.findings.append(Finding(WARNING, "kubeconfig", f"{path}: no cluster server in its "
-                                      "current context", "check the file; kubectl config view"))
+        check.findings.append(
+            Finding(
+                WARNING,
+                "kubeconfig",
+                f"{path}: no cluster server in its current context",
+                "check the file; kubectl config view",
+            )
+        )
         return check  # fmt: skip
     if _is_local(server, settings.listen):
         check.findings.append(Finding(OK, "kubeconfig", f"the kubelet ({path}) uses the local "

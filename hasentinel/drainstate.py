@@ -73,8 +73,10 @@ def parse_drains(text: str) -> dict[str, Drain]:
     for name, entry in entries.items():
         window = entry.get("window_s") if isinstance(entry, dict) else None
         since = entry.get("since") if isinstance(entry, dict) else None
-        if isinstance(window, bool) or not isinstance(window, int | float) or not (
-            0 <= window <= MAX_WINDOW
+        if (
+            isinstance(window, bool)
+            or not isinstance(window, int | float)
+            or not (0 <= window <= MAX_WINDOW)
         ):
             raise DrainFileError(
                 f"drained.{name}.window_s: must be 0-{MAX_WINDOW:g} seconds, got {window!r}"

@@ -124,9 +124,7 @@ def parse_age(text: str | None) -> float | None:
     return float(sum(int(n) * _AGE_UNITS[u] for n, u in parts))
 
 
-_PROC_LINE = re.compile(
-    r"^(?P<pid>\d+)\s+(?P<kind>master|worker|program)\s+(?P<rest>.*)$"
-)
+_PROC_LINE = re.compile(r"^(?P<pid>\d+)\s+(?P<kind>master|worker|program)\s+(?P<rest>.*)$")
 _FAILED = re.compile(r"\[failed:\s*(\d+)\]")
 # 2.2 shows an old worker's former relative PID as "[was: N]".
 _WAS = re.compile(r"\[was:\s*\d+\]")
@@ -255,7 +253,9 @@ async def send_command(path: str, command: str, timeout: float = COMMAND_TIMEOUT
     try:
         return await asyncio.wait_for(exchange(), timeout)
     except asyncio.TimeoutError:
-        raise HAProxyError(f"{path}: no answer to {command.split(maxsplit=1)[0]!r} within {timeout:g}s") from None
+        raise HAProxyError(
+            f"{path}: no answer to {command.split(maxsplit=1)[0]!r} within {timeout:g}s"
+        ) from None
     except OSError as exc:
         raise HAProxyError(f"{path}: {exc.strerror or exc}") from None
 
@@ -284,7 +284,10 @@ class HAProxyClient:
     async def admin(self, command: str) -> str:
         answer = await send_command(self.admin_socket, command)
         lowered = answer.lower()
-        if lowered.startswith(("unknown command", "permission denied")) or "no such server" in lowered:
+        if (
+            lowered.startswith(("unknown command", "permission denied"))
+            or "no such server" in lowered
+        ):
             raise HAProxyError(f"{command!r}: {answer.strip()}")
         return answer
 
@@ -360,7 +363,12 @@ class HAProxyClient:
                 return ReloadResult(True, "", time.monotonic() - start, before, after)
             detail = answer.strip() or RELOAD_NO_REASON
             return ReloadResult(
-                False, detail, time.monotonic() - start, before, after, answered=bool(answer.strip())
+                False,
+                detail,
+                time.monotonic() - start,
+                before,
+                after,
+                answered=bool(answer.strip()),
             )
 
     async def _proc_after_reload(self, before: ProcInfo, start: float) -> ProcInfo | None:
@@ -373,7 +381,9 @@ class HAProxyClient:
                 proc = await self.show_proc()
             except HAProxyError:
                 continue  # the master CLI is briefly unavailable during a reload
-            counted = proc.master.reloads > before.master.reloads or proc.master.pid != before.master.pid
+            counted = (
+                proc.master.reloads > before.master.reloads or proc.master.pid != before.master.pid
+            )
             failed = (proc.master.failed or 0) > (before.master.failed or 0)
             replaced = any(w.pid not in old_pids for w in proc.current_workers)
             if counted and (failed or replaced):

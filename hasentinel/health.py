@@ -190,7 +190,8 @@ class ClusterHealth:
         """Follow a membership change, keeping the history of masters that stay."""
         wanted = list(names)
         self.masters = {
-            name: self.masters.get(name) or MasterHealth(name, self.rise, self.fall) for name in wanted
+            name: self.masters.get(name) or MasterHealth(name, self.rise, self.fall)
+            for name in wanted
         }
         for health in self.masters.values():
             health.rise, health.fall = self.rise, self.fall
@@ -271,7 +272,9 @@ class ClusterHealth:
                     opened,
                     tuple(problems),
                 )
-            return Decision(DOWN, f"no master passed its probe ({reasons})", desired, tuple(problems))
+            return Decision(
+                DOWN, f"no master passed its probe ({reasons})", desired, tuple(problems)
+            )
 
         if problems:
             return Decision(DEGRADED, problems[0], desired, tuple(problems))

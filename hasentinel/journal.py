@@ -62,32 +62,49 @@ PRIORITIES = {
 
 # Readable MESSAGE text per event kind; facts missing from an event show as '?'.
 _MESSAGES: dict[str, Callable[[Mapping[str, Any]], str]] = {
-    "master_down": lambda e: f"master {_g(e, 'master')} ({_g(e, 'address')}) down: "
-    f"{_g(e, 'reason')}",
+    "master_down": lambda e: (
+        f"master {_g(e, 'master')} ({_g(e, 'address')}) down: {_g(e, 'reason')}"
+    ),
     "master_up": lambda e: f"master {_g(e, 'master')} ({_g(e, 'address')}) up",
-    "master_discovered": lambda e: f"master {_g(e, 'master')} ({_g(e, 'address')}) "
-    f"first seen {_g(e, 'to_state')}" + (f": {e['reason']}" if e.get("reason") else ""),
-    "all_masters_down": lambda e: f"no master passed its probe, now {_g(e, 'to_state')} "
-    f"(policy {_g(e, 'policy')}): {_g(e, 'reason')}",
-    "state_changed": lambda e: f"node state {_g(e, 'from_state')} -> {_g(e, 'to_state')}"
-    + (f": {e['reason']}" if e.get("reason") else ""),
-    "haproxy_reloaded": lambda e: f"HAProxy reloaded ({_g(e, 'reason')}) "
-    f"in {_g(e, 'duration_ms')} ms",
-    "haproxy_reload_failed": lambda e: f"HAProxy reload failed ({_g(e, 'reason')}): "
-    f"{_g(e, 'error')}",
+    "master_discovered": lambda e: (
+        f"master {_g(e, 'master')} ({_g(e, 'address')}) "
+        f"first seen {_g(e, 'to_state')}" + (f": {e['reason']}" if e.get("reason") else "")
+    ),
+    "all_masters_down": lambda e: (
+        f"no master passed its probe, now {_g(e, 'to_state')} "
+        f"(policy {_g(e, 'policy')}): {_g(e, 'reason')}"
+    ),
+    "state_changed": lambda e: (
+        f"node state {_g(e, 'from_state')} -> {_g(e, 'to_state')}"
+        + (f": {e['reason']}" if e.get("reason") else "")
+    ),
+    "haproxy_reloaded": lambda e: (
+        f"HAProxy reloaded ({_g(e, 'reason')}) in {_g(e, 'duration_ms')} ms"
+    ),
+    "haproxy_reload_failed": lambda e: (
+        f"HAProxy reload failed ({_g(e, 'reason')}): {_g(e, 'error')}"
+    ),
     "haproxy_config_rejected": lambda e: f"HAProxy rejected the rendered config: {_g(e, 'error')}",
-    "config_rejected": lambda e: f"configuration {_g(e, 'config')} rejected, previous one kept: "
-    + "; ".join(str(x) for x in e.get("errors") or ["?"]),
-    "probe_unauthorized": lambda e: f"probe of master {_g(e, 'master')} rejected: "
-    f"{_g(e, 'reason')}; fix: {_g(e, 'fix')}",
+    "config_rejected": lambda e: (
+        f"configuration {_g(e, 'config')} rejected, previous one kept: "
+        + "; ".join(str(x) for x in e.get("errors") or ["?"])
+    ),
+    "probe_unauthorized": lambda e: (
+        f"probe of master {_g(e, 'master')} rejected: {_g(e, 'reason')}; fix: {_g(e, 'fix')}"
+    ),
     "certificate_problem": lambda e: f"{_g(e, 'problem')}; fix: {_g(e, 'fix')}",
-    "drain_started": lambda e: f"master {_g(e, 'master')} draining on this node "
-    f"(sessions moved off over {_g(e, 'window_s')} s)",
-    "drain_restored": lambda e: f"master {_g(e, 'master')} still drained on this node "
-    f"(since {_g(e, 'since')})",
+    "drain_started": lambda e: (
+        f"master {_g(e, 'master')} draining on this node "
+        f"(sessions moved off over {_g(e, 'window_s')} s)"
+    ),
+    "drain_restored": lambda e: (
+        f"master {_g(e, 'master')} still drained on this node (since {_g(e, 'since')})"
+    ),
     "drain_ended": lambda e: f"master {_g(e, 'master')} undrained on this node",
-    "sessions_shutdown": lambda e: f"closed {_g(e, 'sessions')} session(s) of master "
-    f"{_g(e, 'master')} ({_g(e, 'cause')}) over {_g(e, 'duration_ms')} ms",
+    "sessions_shutdown": lambda e: (
+        f"closed {_g(e, 'sessions')} session(s) of master "
+        f"{_g(e, 'master')} ({_g(e, 'cause')}) over {_g(e, 'duration_ms')} ms"
+    ),
 }
 
 # Keys that journald sets itself, or that we map to fields of our own.

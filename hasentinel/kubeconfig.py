@@ -176,8 +176,11 @@ def _server_name(
             f"{prefix}: no master answered to show its certificate ({errors}); "
             "run adopt again once a master is reachable. Nothing changed"
         )
-    notes = [f"master {p.master.name}: certificate not checked ({p.error})"
-             for p in probes if not p.got_certificate]
+    notes = [
+        f"master {p.master.name}: certificate not checked ({p.error})"
+        for p in probes
+        if not p.got_certificate
+    ]
     host = str(urlsplit(url).hostname)
     current = cluster.get("tls-server-name")
     if isinstance(current, str) and all(p.carries(current) for p in seen):
@@ -277,7 +280,8 @@ def _diff(path: Path, before: bytes, after: bytes, label: str) -> str:
     lines = difflib.unified_diff(
         before.decode("utf-8", "replace").splitlines(keepends=True),
         after.decode("utf-8", "replace").splitlines(keepends=True),
-        fromfile=str(path), tofile=f"{path} ({label})",
+        fromfile=str(path),
+        tofile=f"{path} ({label})",
     )
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
 
@@ -305,9 +309,11 @@ def configmap_hint(settings: Settings, server_name: str | None, looked_at: Path)
 
 def _restart(command: Sequence[str] | None, url: str) -> int:
     if command is None:
-        print(f"restart the kubelet so that it connects through {url}: systemctl restart kubelet "
-              "(or run again with --restart-kubelet); restart kube-proxy too if it reads a file "
-              "above")
+        print(
+            f"restart the kubelet so that it connects through {url}: systemctl restart kubelet "
+            "(or run again with --restart-kubelet); restart kube-proxy too if it reads a file "
+            "above"
+        )
         return 0
     try:
         code = subprocess.run(list(command), check=False).returncode
@@ -316,16 +322,23 @@ def _restart(command: Sequence[str] | None, url: str) -> int:
     else:
         why = f"exit {code}"
     if code != 0:
-        print(f"`{' '.join(command)}` failed ({why}); the files are written: restart the kubelet "
-              "by hand", file=sys.stderr)
+        print(
+            f"`{' '.join(command)}` failed ({why}); the files are written: restart the kubelet "
+            "by hand",
+            file=sys.stderr,
+        )
         return 1
     print(f"restarted the kubelet ({' '.join(command)})")
     return 0
 
 
 def adopt(
-    files: Sequence[Path], settings: Settings, *, dry_run: bool = False,
-    restart: Sequence[str] | None = None, timeout: float = CERT_TIMEOUT,
+    files: Sequence[Path],
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    restart: Sequence[str] | None = None,
+    timeout: float = CERT_TIMEOUT,
     missing_proxy: Path | None = None,
 ) -> int:
     """Plan every file, then write them all, or nothing when one cannot be adopted.
@@ -353,8 +366,9 @@ def adopt(
     return _restart(restart, url) if changed and not dry_run else 0
 
 
-def restore(files: Sequence[Path], *, dry_run: bool = False,
-            restart: Sequence[str] | None = None) -> int:
+def restore(
+    files: Sequence[Path], *, dry_run: bool = False, restart: Sequence[str] | None = None
+) -> int:
     """Put every backed-up original back, byte for byte with its mode and owner."""
     restored = 0
     for path in files:
@@ -370,8 +384,10 @@ def restore(files: Sequence[Path], *, dry_run: bool = False,
         os.replace(backup, target)  # the backup carries the original's mode, owner and times
         fsync_directory(target.parent)
         st = os.stat(target)
-        print(f"{path}: restored from {backup.name} "
-              f"(mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}:{st.st_gid})")
+        print(
+            f"{path}: restored from {backup.name} "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}:{st.st_gid})"
+        )
         restored += 1
     if dry_run:
         print("dry run: nothing written")
@@ -396,8 +412,14 @@ def cmd_adopt(args: argparse.Namespace) -> int:
             raise CommandError(f"{args.config} lists no masters; run `hasentinel init` first")
         files, missing_proxy = _files(args)
         restart = RESTART_KUBELET if args.restart_kubelet else None
-        return adopt(files, settings, dry_run=args.dry_run, restart=restart,
-                     timeout=args.timeout, missing_proxy=missing_proxy)
+        return adopt(
+            files,
+            settings,
+            dry_run=args.dry_run,
+            restart=restart,
+            timeout=args.timeout,
+            missing_proxy=missing_proxy,
+        )
     except ConfigError as exc:
         errors = "; ".join(exc.errors)
         print(f"hasentinel kubeconfig adopt: {args.config}: {errors}", file=sys.stderr)
@@ -410,47 +432,70 @@ def cmd_restore(args: argparse.Namespace) -> int:
     """``hasentinel kubeconfig restore``: exit 0 unless a file could not be put back."""
     files, missing_proxy = _files(args)
     try:
-        code = restore(files, dry_run=args.dry_run,
-                       restart=RESTART_KUBELET if args.restart_kubelet else None)
+        code = restore(
+            files, dry_run=args.dry_run, restart=RESTART_KUBELET if args.restart_kubelet else None
+        )
     except OSError as exc:
         print(f"hasentinel kubeconfig restore: {exc}", file=sys.stderr)
         return 1
     if missing_proxy:
-        print("kube-proxy: if its ConfigMap was changed, set its server back with "
-              "`kubectl -n kube-system edit configmap kube-proxy`")
+        print(
+            "kube-proxy: if its ConfigMap was changed, set its server back with "
+            "`kubectl -n kube-system edit configmap kube-proxy`"
+        )
     return code
 
 
 def register(subparsers: Any) -> None:
     """Add ``kubeconfig adopt`` and ``kubeconfig restore`` to the command line."""
     parser = subparsers.add_parser(
-        "kubeconfig", help="point kubeconfigs at the local endpoint (adopt), or back (restore)",
+        "kubeconfig",
+        help="point kubeconfigs at the local endpoint (adopt), or back (restore)",
         description="Point the kubelet's and kube-proxy's kubeconfigs at the local endpoint.",
     )
     actions = parser.add_subparsers(dest="kubeconfig_action", metavar="ACTION")
     actions.required = True
     adopt_parser = actions.add_parser(
-        "adopt", help="set the server of the clusters that name a master to the local endpoint",
+        "adopt",
+        help="set the server of the clusters that name a master to the local endpoint",
         description="Change only the server (and, when needed, tls-server-name) of the clusters "
         "that point at a configured master; keep a backup, mode and owner.",
     )
     adopt_parser.add_argument(
-        "--timeout", type=float, default=CERT_TIMEOUT, metavar="SECONDS",
+        "--timeout",
+        type=float,
+        default=CERT_TIMEOUT,
+        metavar="SECONDS",
         help="timeout to fetch each master's certificate (default: %(default)g)",
     )
     restore_parser = actions.add_parser(
-        "restore", help="put back the originals that adopt kept",
+        "restore",
+        help="put back the originals that adopt kept",
         description="Put back each file's original from its backup, byte for byte.",
     )
     for sub, func in ((adopt_parser, cmd_adopt), (restore_parser, cmd_restore)):
-        sub.add_argument("files", nargs="*", metavar="FILE",
-                         help="kubeconfig files (default: the kubelet's, and kube-proxy's when it "
-                              "is a file)")
+        sub.add_argument(
+            "files",
+            nargs="*",
+            metavar="FILE",
+            help="kubeconfig files (default: the kubelet's, and kube-proxy's when it is a file)",
+        )
         sub.add_argument("--dry-run", action="store_true", help="print the diff; write nothing")
-        sub.add_argument("--restart-kubelet", action="store_true",
-                         help=f"run `{' '.join(RESTART_KUBELET)}` after a change")
-        sub.add_argument("--kubelet-kubeconfig", default=DEFAULT_KUBELET_KUBECONFIG, metavar="FILE",
-                         help="the kubelet's kubeconfig, without FILE (default: %(default)s)")
-        sub.add_argument("--kube-proxy-kubeconfig", default=DEFAULT_KUBE_PROXY_KUBECONFIG,
-                         metavar="FILE", help="kube-proxy's, without FILE (default: %(default)s)")
+        sub.add_argument(
+            "--restart-kubelet",
+            action="store_true",
+            help=f"run `{' '.join(RESTART_KUBELET)}` after a change",
+        )
+        sub.add_argument(
+            "--kubelet-kubeconfig",
+            default=DEFAULT_KUBELET_KUBECONFIG,
+            metavar="FILE",
+            help="the kubelet's kubeconfig, without FILE (default: %(default)s)",
+        )
+        sub.add_argument(
+            "--kube-proxy-kubeconfig",
+            default=DEFAULT_KUBE_PROXY_KUBECONFIG,
+            metavar="FILE",
+            help="kube-proxy's, without FILE (default: %(default)s)",
+        )
         sub.set_defaults(func=func)

@@ -39,6 +39,8 @@ from hasentinel.tlscheck import (
 INIT_PROBE_TIMEOUT = 2.0
 # A taken port is replaced by one this far above it: 6443 -> 16443 reads as "the other 6443".
 PORT_OFFSET = 10000
+
+
 def yaml_scalar(value: str, flow: bool = False) -> str:
     """``value`` as a YAML scalar: plain when it reads back as the same string, else quoted."""
     if value and "\n" not in value and not (flow and any(c in value for c in ",[]{}")):
@@ -223,8 +225,11 @@ def gather(args: argparse.Namespace) -> Plan:
 def check_files(plan: Plan, force: bool) -> None:
     """Refuse unreadable references and files that would be silently replaced."""
     hint = "pass it with the option, or take it from the kubelet with --from-kubeconfig FILE"
-    for option, path in (("--ca-file", plan.ca_file), ("--cert-file", plan.cert_file),
-                         ("--key-file", plan.key_file)):
+    for option, path in (
+        ("--ca-file", plan.ca_file),
+        ("--cert-file", plan.cert_file),
+        ("--key-file", plan.key_file),
+    ):
         if path is None or Path(path) in plan.files:
             continue
         try:
@@ -299,7 +304,8 @@ def choose_server_name(
         return explicit, [
             f"warning: {p.master.name}'s certificate does not carry {explicit} "
             f"(it carries {p.names()})"
-            for p in seen if not p.carries(explicit)
+            for p in seen
+            if not p.carries(explicit)
         ]
     lacking = ", ".join(p.master.address for p in seen if not p.carries(p.master.address))
     if not lacking:
@@ -324,8 +330,10 @@ def describe(probe: Probe, server_name: str | None) -> str:
     elif probe.status == 200:
         text = "ok"
     elif probe.status in (401, 403):
-        text = (f"http {probe.status}: the probe is not authorized; give it a client certificate "
-                "(--cert-file and --key-file, or --from-kubeconfig)")
+        text = (
+            f"http {probe.status}: the probe is not authorized; give it a client certificate "
+            "(--cert-file and --key-file, or --from-kubeconfig)"
+        )
     else:
         text = f"http {probe.status}"
     name = server_name or probe.master.address
@@ -342,7 +350,8 @@ def render(plan: Plan, server_name: str | None) -> str:
 
     masters = "\n".join(
         f"  - {{name: {yaml_scalar(m.name, True)}, address: {yaml_scalar(m.address, True)}, "
-        f"port: {m.port}}}" for m in plan.masters
+        f"port: {m.port}}}"
+        for m in plan.masters
     )
     return f"""\
 # hasentinel configuration for this node, written by `hasentinel init`.
@@ -404,8 +413,10 @@ def init(args: argparse.Namespace) -> None:
             print(f"wrote {path} (mode {mode:04o}) from {args.from_kubeconfig}")
 
         context = tls_context(plan.ca_file, None, plan.cert_file, plan.key_file)
-        print(f"probing {len(plan.masters)} master(s): GET {config.DEFAULT_PROBE_PATH}, "
-              f"verified against {plan.ca_file}, {args.probe_timeout:g}s timeout")
+        print(
+            f"probing {len(plan.masters)} master(s): GET {config.DEFAULT_PROBE_PATH}, "
+            f"verified against {plan.ca_file}, {args.probe_timeout:g}s timeout"
+        )
         probes = probe_masters(plan.masters, context, args.probe_timeout, config.DEFAULT_PROBE_PATH)
         server_name, notes = choose_server_name(probes, plan.server_name)
         width = max(len(m.name) for m in plan.masters)
@@ -416,9 +427,11 @@ def init(args: argparse.Namespace) -> None:
             print(note)
         failed = sum(1 for p in probes if p.error or p.status != 200)
         if failed:
-            print(f"warning: {failed} of {len(probes)} master(s) failed the probe; the "
-                  "configuration is written anyway, and the daemon keeps probing them",
-                  file=sys.stderr)
+            print(
+                f"warning: {failed} of {len(probes)} master(s) failed the probe; the "
+                "configuration is written anyway, and the daemon keeps probing them",
+                file=sys.stderr,
+            )
 
         text = render(plan, server_name)
         validate(text, plan.config_path)
@@ -430,10 +443,14 @@ def init(args: argparse.Namespace) -> None:
         for path in created:
             path.unlink(missing_ok=True)
         raise
-    print(f"wrote {plan.config_path} (mode {mode:04o}): {len(plan.masters)} master(s), "
-          f"listen {plan.listen}")
-    print("next: `hasentinel check-config`, `systemctl restart hasentinel`, "
-          "then `hasentinel kubeconfig adopt`")
+    print(
+        f"wrote {plan.config_path} (mode {mode:04o}): {len(plan.masters)} master(s), "
+        f"listen {plan.listen}"
+    )
+    print(
+        "next: `hasentinel check-config`, `systemctl restart hasentinel`, "
+        "then `hasentinel kubeconfig adopt`"
+    )
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -456,24 +473,45 @@ def register(subparsers: Any) -> None:
             "and the result printed; a failed probe warns but does not stop init."
         ),
     )
-    p.add_argument("--masters", metavar="LIST",
-                   help="comma-separated ADDR[:PORT], [IPV6]:PORT or NAME=ADDR[:PORT] "
-                        f"(port {config.DEFAULT_MASTER_PORT} when omitted)")
-    p.add_argument("--from-kubeconfig", metavar="FILE",
-                   help="take the CA, the client certificate and key, and (without --masters) "
-                        "the master from this kubeconfig, e.g. /etc/kubernetes/kubelet.conf")
-    p.add_argument("--ca-file", metavar="PEM",
-                   help=f"the cluster CA (default: {config.DEFAULT_CA_FILE}, or the kubeconfig's)")
+    p.add_argument(
+        "--masters",
+        metavar="LIST",
+        help="comma-separated ADDR[:PORT], [IPV6]:PORT or NAME=ADDR[:PORT] "
+        f"(port {config.DEFAULT_MASTER_PORT} when omitted)",
+    )
+    p.add_argument(
+        "--from-kubeconfig",
+        metavar="FILE",
+        help="take the CA, the client certificate and key, and (without --masters) "
+        "the master from this kubeconfig, e.g. /etc/kubernetes/kubelet.conf",
+    )
+    p.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        help=f"the cluster CA (default: {config.DEFAULT_CA_FILE}, or the kubeconfig's)",
+    )
     p.add_argument("--cert-file", metavar="PEM", help="client certificate for the probes")
-    p.add_argument("--key-file", metavar="PEM",
-                   help="its key (omit when the certificate file holds it)")
-    p.add_argument("--server-name", metavar="NAME",
-                   help="name to verify in the masters' certificates (default: the address used, "
-                        "or a name every certificate carries when they lack it)")
-    p.add_argument("--listen", metavar="ADDR:PORT", default=config.DEFAULT_LISTEN,
-                   help="where kubelet and kube-proxy will connect "
-                        f"(default: {config.DEFAULT_LISTEN})")
-    p.add_argument("--probe-timeout", metavar="SECONDS", type=float, default=INIT_PROBE_TIMEOUT,
-                   help=f"timeout of each master's probe (default: {INIT_PROBE_TIMEOUT:g})")
+    p.add_argument(
+        "--key-file", metavar="PEM", help="its key (omit when the certificate file holds it)"
+    )
+    p.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="name to verify in the masters' certificates (default: the address used, "
+        "or a name every certificate carries when they lack it)",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="ADDR:PORT",
+        default=config.DEFAULT_LISTEN,
+        help=f"where kubelet and kube-proxy will connect (default: {config.DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--probe-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=INIT_PROBE_TIMEOUT,
+        help=f"timeout of each master's probe (default: {INIT_PROBE_TIMEOUT:g})",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing configuration")
     p.set_defaults(func=cmd_init)

@@ -182,7 +182,9 @@ def detect_version(binary: str) -> str | None:
 
 def binary_version(binary: str) -> str | None:
     try:
-        proc = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10, check=False)
+        proc = subprocess.run(
+            [binary, "-v"], capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return parse_version(proc.stdout)

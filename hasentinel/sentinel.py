@@ -183,7 +183,11 @@ class Sentinel:
             health = self.cluster.masters.get(prober.master.name)
             # While a change is being confirmed, probe faster (like HAProxy's
             # fastinter): a failing master is out sooner, a recovered one back sooner.
-            pause = interval * SUSPECT_FACTOR if health and health.suspect(time.monotonic()) else interval
+            pause = (
+                interval * SUSPECT_FACTOR
+                if health and health.suspect(time.monotonic())
+                else interval
+            )
             spread = pause * random.uniform(-JITTER, JITTER)  # noqa: S311 -- jitter
             await asyncio.sleep(max(0.0, pause + spread - (time.monotonic() - started)))
 
@@ -296,7 +300,9 @@ class Sentinel:
                 if (self._dirty or now >= next_step_at) and (step is None or step.done()):
                     self._dirty = False
                     next_step_at = now + tick
-                    step = asyncio.create_task(self._guarded_step(first_round_deadline), name="reconcile")
+                    step = asyncio.create_task(
+                        self._guarded_step(first_round_deadline), name="reconcile"
+                    )
                     step.add_done_callback(self._after_step)
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -305,7 +311,9 @@ class Sentinel:
             for task in (step, reload):
                 if task is not None and not task.done():
                     task.cancel()
-            await asyncio.gather(*(t for t in (step, reload) if t is not None), return_exceptions=True)
+            await asyncio.gather(
+                *(t for t in (step, reload) if t is not None), return_exceptions=True
+            )
 
     def _after_step(self, _task: asyncio.Task[None]) -> None:
         # A change that arrived during the pass gets its own pass right away.

@@ -49,8 +49,10 @@ class Probe:
 
 
 def tls_context(
-    ca_file: str | None = None, ca_data: bytes | None = None,
-    cert_file: str | None = None, key_file: str | None = None,
+    ca_file: str | None = None,
+    ca_data: bytes | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
 ) -> ssl.SSLContext:
     """A client context that verifies the chain against the CA; `Probe.carries` checks names."""
     try:
@@ -150,5 +152,3 @@ def certsans_fix(host: str) -> str:
         "`kubeadm init phase certs apiserver --config <that ClusterConfiguration>` and restart "
         "the kube-apiserver (move its manifest out of /etc/kubernetes/manifests and back)"
     )
-
-

@@ -31,7 +31,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
     return TestPKI(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture()
+@pytest.fixture
 def masters(pki: TestPKI, tmp_path: Path) -> Iterator[list[MasterProcess]]:
     """master-1..3 on 127.0.1.1..3:6443, all stopped at teardown (also when the test fails).
 

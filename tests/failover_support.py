@@ -35,7 +35,9 @@ def event_time(event: dict[str, Any]) -> float:
 
 
 @contextlib.contextmanager
-def running_node(tmp_path: Path, ca_file: Path, masters: list[Any], **overrides: Any) -> Iterator[Node]:
+def running_node(
+    tmp_path: Path, ca_file: Path, masters: list[Any], **overrides: Any
+) -> Iterator[Node]:
     """A started Node, stopped at the end; its logs are printed when the test fails."""
     node = Node(tmp_path, ca_file, masters, **overrides)
     try:
@@ -99,7 +101,9 @@ class RequestLoad:
             started = time.time()
             try:
                 status, master = self.node.request(self.ca_file, timeout=self.timeout)
-                outcome = Outcome(started, status == 200, master, None if status == 200 else f"http {status}")
+                outcome = Outcome(
+                    started, status == 200, master, None if status == 200 else f"http {status}"
+                )
             except (OSError, ValueError, IndexError) as exc:
                 outcome = Outcome(started, False, "", repr(exc))
             with self._lock:

@@ -75,7 +75,7 @@ def parse_mode(mode: object) -> str:
         return mode
     if mode.startswith("status:"):
         try:
-            code = int(mode[len("status:"):])
+            code = int(mode[len("status:") :])
         except ValueError:
             raise ValueError(f"bad status code in {mode!r}") from None
         if not 200 <= code <= 599:
@@ -252,7 +252,7 @@ class MasterServer(web.Server):
             drop_connection(request, rst=mode == "reset")
             return web.Response(status=499)  # the write fails quietly: connection is gone
         if mode != "ok":
-            return error_response(state, path, int(mode[len("status:"):]))
+            return error_response(state, path, int(mode[len("status:") :]))
         return await self.answer(request, path)
 
     async def hang(self, request: web.BaseRequest, path: str) -> str | None:
@@ -297,7 +297,10 @@ class MasterServer(web.Server):
                     "kind": "APIVersions",
                     "versions": ["v1"],
                     "serverAddressByClientCIDRs": [
-                        {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{state.address}:{state.port}"}
+                        {
+                            "clientCIDR": "0.0.0.0/0",
+                            "serverAddress": f"{state.address}:{state.port}",
+                        }
                     ],
                 },
             )
@@ -306,7 +309,12 @@ class MasterServer(web.Server):
         if path == "/api/v1":
             return json_response(
                 state,
-                {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": []},
+                {
+                    "kind": "APIResourceList",
+                    "apiVersion": "v1",
+                    "groupVersion": "v1",
+                    "resources": [],
+                },
             )
         return error_response(state, path, 404)
 

@@ -145,7 +145,7 @@ class HAProxyBuild:
         return dict(os.environ)
 
 
-def _probe(label: str) -> HAProxyBuild | str:  # noqa: PLR0911
+def _probe(label: str) -> HAProxyBuild | str:
     binary = HOST_HAPROXY if label == "2.6" else str(CACHE / label / "haproxy")
     if not os.access(binary, os.X_OK):
         if label == "2.6":

@@ -38,7 +38,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = ""
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -47,7 +49,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last: {last!r}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what or predicate}; last: {last!r}"
+    )
 
 
 def cli_command(socket_path: str, command: str, timeout: float = 5.0) -> str:
@@ -80,7 +84,12 @@ class HAProxyProcess:
     """HAProxy in master-worker mode, in the foreground, as our child."""
 
     def __init__(
-        self, config: str, master_socket: str, admin_socket: str, log_path: Path, binary: str = HAPROXY
+        self,
+        config: str,
+        master_socket: str,
+        admin_socket: str,
+        log_path: Path,
+        binary: str = HAPROXY,
     ) -> None:
         self.binary = binary  # any build from tests/haproxies.py runs the same way
         self.config = config
@@ -102,7 +111,9 @@ class HAProxyProcess:
         )
         log.close()
         wait_for(self._answering, START_TIMEOUT, what="haproxy master socket")
-        wait_for(lambda: os.path.exists(self.admin_socket), START_TIMEOUT, what="haproxy admin socket")
+        wait_for(
+            lambda: os.path.exists(self.admin_socket), START_TIMEOUT, what="haproxy admin socket"
+        )
         return self
 
     def _answering(self) -> bool:
@@ -145,7 +156,10 @@ class HAProxyProcess:
         result = {}
         for line in lines[1:]:
             row = dict(zip(header, line.split(","), strict=False))
-            if row.get("pxname") == "kube-apiservers" and row["svname"] not in ("FRONTEND", "BACKEND"):
+            if row.get("pxname") == "kube-apiservers" and row["svname"] not in (
+                "FRONTEND",
+                "BACKEND",
+            ):
                 result[row["svname"]] = row["status"]
         return result
 
@@ -277,7 +291,13 @@ class Node:
         self.data: dict[str, Any] = {
             "masters": [{"name": m.name, "address": m.address, "port": m.port} for m in masters],
             "listen": f"127.0.0.1:{self.listen_port}",
-            "probe": {"ca_file": str(ca_file), "interval": 1.0, "timeout": 1.0, "rise": 2, "fall": 2},
+            "probe": {
+                "ca_file": str(ca_file),
+                "interval": 1.0,
+                "timeout": 1.0,
+                "rise": 2,
+                "fall": 2,
+            },
             "haproxy": {
                 "binary": HAPROXY,
                 "config": str(workdir / "haproxy.cfg"),
@@ -303,7 +323,9 @@ class Node:
             self.data["haproxy"]["binary"],
         )
         self.daemon = DaemonProcess(
-            self.config_path, workdir / "hasentinel.log", f"http://127.0.0.1:{self.status_port}/status"
+            self.config_path,
+            workdir / "hasentinel.log",
+            f"http://127.0.0.1:{self.status_port}/status",
         )
 
     def write_config(self) -> None:
@@ -350,12 +372,18 @@ class Node:
     def client_context(self, ca_file: Path) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(ca_file))
 
-    def request(self, ca_file: Path, path: str = "/whoami", timeout: float = 3.0) -> tuple[int, str]:
+    def request(
+        self, ca_file: Path, path: str = "/whoami", timeout: float = 3.0
+    ) -> tuple[int, str]:
         """One HTTPS request through the local endpoint; (status, serving master)."""
         context = self.client_context(ca_file)
-        with socket.create_connection(("127.0.0.1", self.listen_port), timeout=timeout) as raw, \
-                context.wrap_socket(raw, server_hostname="kubernetes") as tls:
-            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: kubernetes\r\nConnection: close\r\n\r\n".encode())
+        with (
+            socket.create_connection(("127.0.0.1", self.listen_port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname="kubernetes") as tls,
+        ):
+            tls.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: kubernetes\r\nConnection: close\r\n\r\n".encode()
+            )
             data = b""
             while True:
                 chunk = tls.recv(65536)
@@ -365,7 +393,11 @@ class Node:
         head = data.split(b"\r\n\r\n", 1)[0].decode()
         status = int(head.split()[1])
         master = next(
-            (line.split(":", 1)[1].strip() for line in head.splitlines() if line.lower().startswith("x-master:")),
+            (
+                line.split(":", 1)[1].strip()
+                for line in head.splitlines()
+                if line.lower().startswith("x-master:")
+            ),
             "",
         )
         return status, master
@@ -386,7 +418,9 @@ class Node:
                 head += chunk
             text = head.split(b"\r\n\r\n", 1)[0].decode()
             master = next(
-                line.split(":", 1)[1].strip() for line in text.splitlines() if line.lower().startswith("x-master:")
+                line.split(":", 1)[1].strip()
+                for line in text.splitlines()
+                if line.lower().startswith("x-master:")
             )
             yield tls, master
         finally:

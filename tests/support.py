@@ -114,9 +114,7 @@ class TestPKI:
     def other_ca_pem_path(self) -> Path:
         return self.other().ca_pem_path
 
-    def client_context(
-        self, client_cert: tuple[StrPath, StrPath] | None = None
-    ) -> ssl.SSLContext:
+    def client_context(self, client_cert: tuple[StrPath, StrPath] | None = None) -> ssl.SSLContext:
         """A client SSL context that trusts this CA, optionally presenting a certificate."""
         context = ssl.create_default_context(cafile=str(self.ca_pem_path))
         if client_cert is not None:
@@ -431,7 +429,11 @@ class MasterProcess:
             response = conn.getresponse()
             data = response.read()
         except OSError as exc:
-            state = "running" if self.running else f"not running (rc={self._proc and self._proc.poll()})"
+            state = (
+                "running"
+                if self.running
+                else f"not running (rc={self._proc and self._proc.poll()})"
+            )
             raise MasterError(
                 f"{self.name}: control {method} {path} failed: {exc!r}; process {state}"
             ) from exc
@@ -465,7 +467,10 @@ class MasterProcess:
         return result
 
     def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0, interval: float = 0.02
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 5.0,
+        interval: float = 0.02,
     ) -> dict[str, Any]:
         """Poll ``stats()`` until ``predicate(stats)`` is true; returns those stats."""
         deadline = time.monotonic() + timeout
@@ -474,7 +479,9 @@ class MasterProcess:
             if predicate(stats):
                 return stats
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"{self.name}: condition not met within {timeout}s; last stats: {stats}")
+                raise TimeoutError(
+                    f"{self.name}: condition not met within {timeout}s; last stats: {stats}"
+                )
             time.sleep(interval)
 
 
@@ -496,8 +503,16 @@ def port_holder(address: str, port: int) -> str | None:
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError) as exc:
         listing = f"(ss failed: {exc})"
-    wildcard = {f"{address}:{port}", f"0.0.0.0:{port}", f"*:{port}", f"[::]:{port}", f"[{address}]:{port}"}
-    lines = [line for line in listing.splitlines() if set(line.split()) & wildcard] or listing.splitlines()
+    wildcard = {
+        f"{address}:{port}",
+        f"0.0.0.0:{port}",
+        f"*:{port}",
+        f"[::]:{port}",
+        f"[{address}]:{port}",
+    }
+    lines = [
+        line for line in listing.splitlines() if set(line.split()) & wildcard
+    ] or listing.splitlines()
     details = [reason, *lines]
     for pid in sorted({int(pid) for pid in re.findall(r"pid=(\d+)", "\n".join(lines))}):
         details.append(f"pid {pid}: {_describe_process(pid)}")

@@ -22,7 +22,9 @@ def info(days: float, now: float) -> certs.CertInfo:
     return certs.CertInfo("CN=x", now + days * DAY)
 
 
-def issue(pki: TestPKI, directory: Path, name: str, *identities: str, days: float) -> tuple[Path, Path]:
+def issue(
+    pki: TestPKI, directory: Path, name: str, *identities: str, days: float
+) -> tuple[Path, Path]:
     """A certificate from the test CA that ends ``days`` from now (negative: already expired)."""
     moment = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
     leaf = pki.ca.issue_cert(*identities, common_name=name, not_after=moment.replace(tzinfo=None))
@@ -34,7 +36,12 @@ def issue(pki: TestPKI, directory: Path, name: str, *identities: str, days: floa
 
 @pytest.mark.parametrize(
     ("days", "level"),
-    [(-1.0, "error"), (0.5, "warning"), (certs.WARN_DAYS - 0.1, "warning"), (certs.WARN_DAYS + 0.1, "ok")],
+    [
+        (-1.0, "error"),
+        (0.5, "warning"),
+        (certs.WARN_DAYS - 0.1, "warning"),
+        (certs.WARN_DAYS + 0.1, "ok"),
+    ],
 )
 def test_expiry_levels(days: float, level: str) -> None:
     """Expired is an error, under WARN_DAYS left a warning, beyond that fine."""
@@ -69,7 +76,9 @@ def test_unreadable_file_is_an_error_naming_the_setting(tmp_path: Path) -> None:
 
 def test_name_matching_follows_san_rules() -> None:
     """IP SANs match addresses exactly; a DNS wildcard covers exactly one label."""
-    cert = certs.CertInfo("CN=x", 0, frozenset({"kubernetes", "*.example.org"}), frozenset({"10.0.0.1"}))
+    cert = certs.CertInfo(
+        "CN=x", 0, frozenset({"kubernetes", "*.example.org"}), frozenset({"10.0.0.1"})
+    )
     assert cert.carries("10.0.0.1")
     assert not cert.carries("10.0.0.2")
     assert cert.carries("kubernetes")
@@ -100,18 +109,26 @@ def node(pki: TestPKI, masters: list[MasterProcess], tmp_path: Path) -> Iterator
         n.stop()
 
 
-def test_daemon_reports_an_expiring_master_certificate(node: Node, short_lived_master: MasterProcess) -> None:
+def test_daemon_reports_an_expiring_master_certificate(
+    node: Node, short_lived_master: MasterProcess
+) -> None:
     """At start the daemon finds master-2's certificate near its end: a problem in /status, logged once."""
     node.start()
-    status = wait_for(lambda: (s := node.daemon.status())["certificates"] and s, 10, what="certificate check")
+    status = wait_for(
+        lambda: (s := node.daemon.status())["certificates"] and s, 10, what="certificate check"
+    )
     items = {(i["kind"], i["name"]): i for i in status["certificates"]["items"]}
     assert items[("master", "master-2")]["level"] == "warning"
     assert 9.5 < items[("master", "master-2")]["days_left"] <= 10
     assert items[("master", "master-1")]["level"] == "ok"
     assert items[("ca", str(node.data["probe"]["ca_file"]))]["level"] == "ok"
-    assert [p for p in status["problems"] if "certificate" in p] == [items[("master", "master-2")]["message"]]
+    assert [p for p in status["problems"] if "certificate" in p] == [
+        items[("master", "master-2")]["message"]
+    ]
     events = node.daemon.events("certificate_problem")
-    assert [(e["kind"], e["name"], e["level"]) for e in events] == [("master", "master-2", "warning")]
+    assert [(e["kind"], e["name"], e["level"]) for e in events] == [
+        ("master", "master-2", "warning")
+    ]
 
 
 def test_reload_with_a_new_client_certificate_checks_it_at_once(
@@ -135,12 +152,18 @@ def test_reload_with_a_new_client_certificate_checks_it_at_once(
     assert any(str(cert) in p for p in node.daemon.status()["problems"])
 
 
-def test_a_master_down_at_check_time_is_unknown_not_a_problem(node: Node, masters: list[MasterProcess]) -> None:
+def test_a_master_down_at_check_time_is_unknown_not_a_problem(
+    node: Node, masters: list[MasterProcess]
+) -> None:
     """A master that cannot be reached leaves its certificate unknown, and adds no problem to /status."""
     masters[2].kill()
     node.start()
-    status = wait_for(lambda: (s := node.daemon.status())["certificates"] and s, 10, what="certificate check")
-    levels = {i["name"]: i["level"] for i in status["certificates"]["items"] if i["kind"] == "master"}
+    status = wait_for(
+        lambda: (s := node.daemon.status())["certificates"] and s, 10, what="certificate check"
+    )
+    levels = {
+        i["name"]: i["level"] for i in status["certificates"]["items"] if i["kind"] == "master"
+    }
     assert levels == {"master-1": "ok", "master-2": "ok", "master-3": "unknown"}
     assert not [p for p in status["problems"] if "certificate" in p]
     assert node.daemon.events("certificate_problem") == []

@@ -46,7 +46,9 @@ def test_defaults_follow_the_design(ca_file: str) -> None:
 
 def test_master_name_defaults_to_address_and_masters_are_sorted(ca_file: str) -> None:
     """A master without a name is named by its address; the list is sorted by name."""
-    data = minimal(ca_file, masters=["10.0.0.12", {"name": "a", "address": "10.0.0.13", "port": 7443}])
+    data = minimal(
+        ca_file, masters=["10.0.0.12", {"name": "a", "address": "10.0.0.13", "port": 7443}]
+    )
     settings = parse_settings(data)
     assert [m.name for m in settings.masters] == ["10.0.0.12", "a"]
     assert settings.masters[1].port == 7443
@@ -56,7 +58,11 @@ def test_every_error_is_reported_at_once_with_its_dotted_key(ca_file: str) -> No
     """Several problems come back together, each naming its key."""
     data = minimal(
         ca_file,
-        masters=[{"name": "m1", "address": "10.0.0.1"}, {"name": "m2"}, {"address": "10.0.0.3", "port": 0}],
+        masters=[
+            {"name": "m1", "address": "10.0.0.1"},
+            {"name": "m2"},
+            {"address": "10.0.0.3", "port": 0},
+        ],
         probe={"ca_file": ca_file, "fall": 0, "interval": -1, "path": "/metrics"},
         all_down="maybe",
         bogus=1,
@@ -106,7 +112,9 @@ def test_key_without_certificate_is_rejected(ca_file: str, tmp_path: Path) -> No
 
 def test_status_and_stats_must_stay_on_loopback(ca_file: str) -> None:
     """Unauthenticated listeners refuse non-loopback addresses."""
-    errors = errors_of(minimal(ca_file, status={"listen": "0.0.0.0:9099"}, haproxy={"stats": "10.1.1.1:80"}))
+    errors = errors_of(
+        minimal(ca_file, status={"listen": "0.0.0.0:9099"}, haproxy={"stats": "10.1.1.1:80"})
+    )
     assert any(e.startswith("status.listen: must listen on loopback") for e in errors)
     assert any(e.startswith("haproxy.stats: must listen on loopback") for e in errors)
 
@@ -125,7 +133,11 @@ def test_no_masters_is_valid_but_unconfigured() -> None:
 
 @pytest.mark.parametrize(
     ("text", "host", "port"),
-    [("127.0.0.1:6443", "127.0.0.1", 6443), ("[::1]:16443", "::1", 16443), ("localhost:1", "localhost", 1)],
+    [
+        ("127.0.0.1:6443", "127.0.0.1", 6443),
+        ("[::1]:16443", "::1", 16443),
+        ("localhost:1", "localhost", 1),
+    ],
 )
 def test_endpoints_parse(text: str, host: str, port: int) -> None:
     """host:port and [v6]:port both parse."""

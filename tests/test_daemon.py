@@ -32,7 +32,6 @@ def test_traffic_reaches_all_three_masters(node: Node, pki: TestPKI) -> None:
     assert set(served) == {"master-1", "master-2", "master-3"}
 
 
-
 def wait_state(node: Node, master: str, state: str, timeout: float) -> dict[str, object]:
     return wait_for(  # type: ignore[no-any-return]
         lambda: (m := node.daemon.master_status(master))["state"] == state and m,
@@ -41,7 +40,9 @@ def wait_state(node: Node, master: str, state: str, timeout: float) -> dict[str,
     )
 
 
-def test_readyz_500_takes_a_master_out_and_back(node: Node, pki: TestPKI, masters: list[MasterProcess]) -> None:
+def test_readyz_500_takes_a_master_out_and_back(
+    node: Node, pki: TestPKI, masters: list[MasterProcess]
+) -> None:
     """/readyz 500 with TCP up: down with its reason, MAINT in HAProxy, no traffic; back after rise probes."""
     wait_for(lambda: node.daemon.status()["state"] == "healthy", 10, what="healthy")
     masters[1].set_mode("/readyz", "status:500")
@@ -59,7 +60,9 @@ def test_readyz_500_takes_a_master_out_and_back(node: Node, pki: TestPKI, master
 
     masters[1].set_mode("/readyz", "ok")
     wait_state(node, "master-2", "up", interval * rise + 1.5)
-    wait_for(lambda: node.haproxy.server_status()["master-2"].startswith("UP"), 5, what="UP in HAProxy")
+    wait_for(
+        lambda: node.haproxy.server_status()["master-2"].startswith("UP"), 5, what="UP in HAProxy"
+    )
     assert node.daemon.status()["state"] == "healthy"
     assert [e["master"] for e in node.daemon.events("master_up")] == ["master-2"]
 
@@ -74,7 +77,11 @@ def test_killed_master_goes_down_and_no_new_request_fails(
     assert all(status == 200 for status, _ in results)
     assert "master-2" not in {master for _, master in results}
     m2 = wait_state(node, "master-2", "down", 4)
-    assert m2["reason"] in ("connection refused", "connection reset", "connection closed without an answer")
+    assert m2["reason"] in (
+        "connection refused",
+        "connection reset",
+        "connection closed without an answer",
+    )
 
 
 def read_until_closed(sock: object, limit: float) -> float:
@@ -112,7 +119,9 @@ def test_stream_to_a_failed_master_is_closed_within_two_seconds(
         assert [e["master"] for e in down] == [serving]
         down_at = datetime.fromisoformat(down[0]["timestamp"].replace("Z", "+00:00")).timestamp()
         assert 0 <= closed_at - down_at <= 2.0
-        shutdown = wait_for(lambda: node.daemon.events("sessions_shutdown"), 5, what="sessions_shutdown")
+        shutdown = wait_for(
+            lambda: node.daemon.events("sessions_shutdown"), 5, what="sessions_shutdown"
+        )
         assert shutdown[0]["master"] == serving
         # Its client reconnects to a healthy master.
         with node.stream(pki.ca_pem_path) as (_, again):
@@ -174,7 +183,9 @@ def test_wrong_ca_is_reported_as_tls_verification_failure(
     try:
         node.start()
         status = wait_for(
-            lambda: (s := node.daemon.status())["state"] == "failing_open" and s, 5, what="failing_open"
+            lambda: (s := node.daemon.status())["state"] == "failing_open" and s,
+            5,
+            what="failing_open",
         )
         reasons = {m["reason"] for m in status["masters"]}
         assert len(reasons) == 1
@@ -196,7 +207,9 @@ def test_added_master_reloads_once_and_keeps_open_connections(
         reloads_before = node.haproxy.master_reloads()
         workers_before = set(node.haproxy.worker_pids())
         with node.stream(pki.ca_pem_path) as (sock, _):
-            node.data["masters"].append({"name": "master-3", "address": masters[2].address, "port": 6443})
+            node.data["masters"].append(
+                {"name": "master-3", "address": masters[2].address, "port": 6443}
+            )
             node.write_config()
             node.daemon.signal(signal.SIGHUP)
             wait_for(lambda: node.daemon.events("haproxy_reloaded"), 10, what="haproxy_reloaded")
@@ -259,7 +272,9 @@ def test_daemon_waits_for_haproxy_and_then_applies(
         assert Path(node.data["haproxy"]["config"]).exists()
         node.haproxy.start()
         wait_for(lambda: node.daemon.status()["haproxy"]["running"], 5, what="running")
-        wait_for(lambda: node.haproxy.server_status()["master-1"] == "MAINT", 5, what="MAINT applied")
+        wait_for(
+            lambda: node.haproxy.server_status()["master-1"] == "MAINT", 5, what="MAINT applied"
+        )
         assert node.daemon.status()["state"] == "degraded"
     finally:
         node.stop()
@@ -278,7 +293,9 @@ def test_restarted_haproxy_gets_its_server_states_back(
     wait_for(lambda: not node.daemon.status()["haproxy"]["running"], 5, what="noticed")
     node.haproxy.start()
     started = time.monotonic()
-    wait_for(lambda: node.haproxy.server_status()["master-3"] == "MAINT", 3, what="MAINT re-applied")
+    wait_for(
+        lambda: node.haproxy.server_status()["master-3"] == "MAINT", 3, what="MAINT re-applied"
+    )
     assert time.monotonic() - started <= 1.5
     assert node.daemon.events("haproxy_unreachable")
 
@@ -297,7 +314,9 @@ def test_daemon_restart_leaves_haproxy_serving_and_does_not_reload(
     assert node.daemon.events("haproxy_reloaded") == []
 
 
-def test_status_command_prints_a_table_and_exit_codes(node: Node, masters: list[MasterProcess]) -> None:
+def test_status_command_prints_a_table_and_exit_codes(
+    node: Node, masters: list[MasterProcess]
+) -> None:
     """`hasentinel status` exits 0 healthy, 1 degraded, 2 when the daemon is unreachable."""
     wait_for(lambda: node.daemon.status()["state"] == "healthy", 10, what="healthy")
     result = node.cli("status")
@@ -344,7 +363,10 @@ users:
     )
     result = subprocess.run(
         [kubectl, "--kubeconfig", str(kubeconfig), "get", "--raw", "/readyz"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

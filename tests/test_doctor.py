@@ -22,7 +22,9 @@ from hasentinel.config import load_settings
 NOT_SYSTEMD = "/nonexistent/run/systemd/system"
 
 
-def issue(pki: TestPKI, directory: Path, name: str, *identities: str, days: float) -> tuple[Path, Path]:
+def issue(
+    pki: TestPKI, directory: Path, name: str, *identities: str, days: float
+) -> tuple[Path, Path]:
     """A certificate from the test CA that ends ``days`` from now (negative: already expired)."""
     moment = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
     leaf = pki.ca.issue_cert(*identities, common_name=name, not_after=moment.replace(tzinfo=None))
@@ -33,14 +35,19 @@ def issue(pki: TestPKI, directory: Path, name: str, *identities: str, days: floa
 
 
 def write_kubeconfig(path: Path, server: str, tls_server_name: str | None) -> Path:
-    cluster: dict[str, str] = {"server": server, "certificate-authority": "/etc/kubernetes/pki/ca.crt"}
+    cluster: dict[str, str] = {
+        "server": server,
+        "certificate-authority": "/etc/kubernetes/pki/ca.crt",
+    }
     if tls_server_name:
         cluster["tls-server-name"] = tls_server_name
     data = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "default-cluster", "cluster": cluster}],
-        "contexts": [{"name": "default-context", "context": {"cluster": "default-cluster", "user": "u"}}],
+        "contexts": [
+            {"name": "default-context", "context": {"cluster": "default-cluster", "user": "u"}}
+        ],
         "current-context": "default-context",
         "users": [{"name": "u", "user": {}}],
     }
@@ -49,7 +56,9 @@ def write_kubeconfig(path: Path, server: str, tls_server_name: str | None) -> Pa
 
 
 def run_doctor(node: Node, kubeconfig: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return node.cli("doctor", "--kubelet-kubeconfig", str(kubeconfig), "--systemd-dir", NOT_SYSTEMD, *extra)
+    return node.cli(
+        "doctor", "--kubelet-kubeconfig", str(kubeconfig), "--systemd-dir", NOT_SYSTEMD, *extra
+    )
 
 
 def lines(result: subprocess.CompletedProcess[str], level: str) -> list[str]:
@@ -73,7 +82,9 @@ def node(pki: TestPKI, masters: list[MasterProcess], tmp_path: Path) -> Iterator
 @pytest.fixture
 def local_kubeconfig(node: Node, tmp_path: Path) -> Path:
     """A kubelet kubeconfig adopted the way `kubeconfig adopt` leaves it for these masters."""
-    return write_kubeconfig(tmp_path / "kubelet.conf", f"https://127.0.0.1:{node.listen_port}", "kubernetes")
+    return write_kubeconfig(
+        tmp_path / "kubelet.conf", f"https://127.0.0.1:{node.listen_port}", "kubernetes"
+    )
 
 
 def test_healthy_node_is_all_good(node: Node, local_kubeconfig: Path) -> None:
@@ -93,11 +104,16 @@ def test_healthy_node_is_all_good(node: Node, local_kubeconfig: Path) -> None:
 
 def test_certificate_without_the_local_name_is_an_error(node: Node, tmp_path: Path) -> None:
     """Without tls-server-name, clients verify 127.0.0.1, which the masters' certificates lack."""
-    kubeconfig = write_kubeconfig(tmp_path / "kubelet.conf", f"https://127.0.0.1:{node.listen_port}", None)
+    kubeconfig = write_kubeconfig(
+        tmp_path / "kubelet.conf", f"https://127.0.0.1:{node.listen_port}", None
+    )
     result = run_doctor(node, kubeconfig)
     assert result.returncode == 2
     [error] = lines(result, "error")
-    assert f"clients of the local endpoint verify 127.0.0.1 (the local endpoint https://127.0.0.1:{node.listen_port})" in error
+    assert (
+        f"clients of the local endpoint verify 127.0.0.1 (the local endpoint https://127.0.0.1:{node.listen_port})"
+        in error
+    )
     for i in (1, 2, 3):  # DNS names first, then addresses
         assert f"master-{i} carries kubernetes, master-{i}, 127.0.1.{i}" in error
     assert "fix: set tls-server-name" in result.stdout
@@ -118,21 +134,26 @@ def test_expiring_and_expired_certificates(
     result = run_doctor(node, local_kubeconfig)
     assert result.returncode == 2, result.stdout
     warnings = "\n".join(lines(result, "warning"))
-    assert "master master-2's serving certificate (CN=master-2) expires in 9.9 days" in warnings or (
-        "master master-2's serving certificate (CN=master-2) expires in 10.0 days" in warnings
+    assert (
+        "master master-2's serving certificate (CN=master-2) expires in 9.9 days" in warnings
+        or ("master master-2's serving certificate (CN=master-2) expires in 10.0 days" in warnings)
     )
     errors = "\n".join(lines(result, "error"))
     assert f"probe client certificate {client_cert} (CN=probe-client) expired on" in errors
     assert "master-1's serving certificate" not in warnings + errors
 
 
-def test_probe_rejected_with_401_names_the_fix(node: Node, masters: list[MasterProcess], local_kubeconfig: Path) -> None:
+def test_probe_rejected_with_401_names_the_fix(
+    node: Node, masters: list[MasterProcess], local_kubeconfig: Path
+) -> None:
     """A master answering 401 to the probe is an error that says to set the probe's client certificate."""
     masters[0].set_mode("/readyz", "status:401")
     result = run_doctor(node, local_kubeconfig)
     assert result.returncode == 2
     errors = lines(result, "error")
-    assert errors == ["error    master master-1 (127.0.1.1:6443): /readyz answered 401: the probe is not allowed in"]
+    assert errors == [
+        "error    master master-1 (127.0.1.1:6443): /readyz answered 401: the probe is not allowed in"
+    ]
     assert "fix: set probe.cert_file and probe.key_file" in result.stdout
 
 
@@ -141,7 +162,9 @@ def test_a_dead_master_is_a_warning_while_others_answer(
 ) -> None:
     """A killed master is reported unreachable as a warning (the node still works), exit 1."""
     masters[2].kill()
-    wait_for(lambda: node.daemon.master_status("master-3")["state"] == "down", 6, what="master-3 down")
+    wait_for(
+        lambda: node.daemon.master_status("master-3")["state"] == "down", 6, what="master-3 down"
+    )
     result = run_doctor(node, local_kubeconfig)
     assert result.returncode == 1, result.stdout
     warnings = "\n".join(lines(result, "warning"))
@@ -179,7 +202,9 @@ def test_haproxy_not_running_names_who_holds_the_port(
 ) -> None:
     """With no HAProxy and a stranger on the port, doctor says so and names the stranger."""
     n = Node(tmp_path, pki.ca_pem_path, masters)
-    kubeconfig = write_kubeconfig(tmp_path / "kubelet.conf", f"https://127.0.0.1:{n.listen_port}", "kubernetes")
+    kubeconfig = write_kubeconfig(
+        tmp_path / "kubelet.conf", f"https://127.0.0.1:{n.listen_port}", "kubernetes"
+    )
     with socket.socket() as stranger:
         stranger.bind(("127.0.0.1", n.listen_port))
         stranger.listen()
@@ -191,7 +216,9 @@ def test_haproxy_not_running_names_who_holds_the_port(
     assert "hasentinel does not answer on" in errors
 
 
-def test_units_are_checked_with_systemctl(node: Node, local_kubeconfig: Path, tmp_path: Path) -> None:
+def test_units_are_checked_with_systemctl(
+    node: Node, local_kubeconfig: Path, tmp_path: Path
+) -> None:
     """Under systemd every unit must be active; an inactive one is an error with its fix."""
     systemd_dir = tmp_path / "systemd-system"
     systemd_dir.mkdir()
@@ -219,7 +246,9 @@ def test_clock_skew_from_the_masters_date_headers(
     """A local clock ahead of the masters' Date headers is a warning past 5 s and an error past 5 min."""
     settings = load_settings(node.config_path)
     env = doctor.Environment(
-        kubelet_kubeconfig=str(local_kubeconfig), systemd_dir=NOT_SYSTEMD, clock=lambda: time.time() + offset
+        kubelet_kubeconfig=str(local_kubeconfig),
+        systemd_dir=NOT_SYSTEMD,
+        clock=lambda: time.time() + offset,
     )
     report = asyncio.run(doctor.diagnose(settings, env))
     clock = [f for f in report.findings if f.check == "clock"]
@@ -242,7 +271,9 @@ def test_clock_in_step_with_the_masters_is_ok(node: Node, local_kubeconfig: Path
 def test_haproxy_older_than_2_2_is_an_error(tmp_path: Path, pki: TestPKI) -> None:
     """The version from `haproxy -v` is compared with the oldest supported one."""
     fake = tmp_path / "haproxy"
-    fake.write_text("#!/bin/sh\necho 'HAProxy version 2.0.33-1 2023/07/03 - https://haproxy.org/'\n")
+    fake.write_text(
+        "#!/bin/sh\necho 'HAProxy version 2.0.33-1 2023/07/03 - https://haproxy.org/'\n"
+    )
     fake.chmod(0o755)
     config = tmp_path / "hasentinel.yaml"
     config.write_text(
@@ -272,7 +303,11 @@ def test_supported_haproxy_versions_pass(label: str, tmp_path: Path, pki: TestPK
     config = tmp_path / "hasentinel.yaml"
     config.write_text(
         yaml.safe_dump(
-            {"masters": ["127.0.1.1"], "probe": {"ca_file": str(pki.ca_pem_path)}, "haproxy": {"binary": build.binary}}
+            {
+                "masters": ["127.0.1.1"],
+                "probe": {"ca_file": str(pki.ca_pem_path)},
+                "haproxy": {"binary": build.binary},
+            }
         )
     )
     report = doctor.Report()

@@ -41,9 +41,7 @@ OK = ProbeResult(Kind.OK, None, 0.002, 200)
 FAIL = ProbeResult(Kind.HTTP, "http 500", 0.002, 500)
 
 
-def cluster(
-    ups: dict[str, bool], drained: set[str], all_down: str = "fail_open"
-) -> ClusterHealth:
+def cluster(ups: dict[str, bool], drained: set[str], all_down: str = "fail_open") -> ClusterHealth:
     c = ClusterHealth(rise=1, fall=1, all_down=all_down)
     c.set_members(sorted(ups))
     for name, up in ups.items():
@@ -159,7 +157,9 @@ def test_drain_record_round_trips(tmp_path: Path) -> None:
     write_drains(str(tmp_path), drains)
     assert read_drains(str(tmp_path)) == drains
     document = json.loads(Path(drain_path(str(tmp_path))).read_text())
-    assert document == {"drained": {"master-2": {"since": "2026-01-01T00:00:00.000Z", "window_s": 12.5}}}
+    assert document == {
+        "drained": {"master-2": {"since": "2026-01-01T00:00:00.000Z", "window_s": 12.5}}
+    }
 
 
 @pytest.mark.parametrize(

@@ -132,7 +132,9 @@ def test_drain_survives_a_restart_of_the_daemon_and_of_haproxy(node: Node, pki: 
     assert node.haproxy.server_status()[victim].startswith("UP")  # a fresh HAProxy knows nothing
 
     node.daemon.start()
-    wait_for(lambda: node.haproxy.server_status()[victim].startswith("DRAIN"), 10, what="DRAIN again")
+    wait_for(
+        lambda: node.haproxy.server_status()[victim].startswith("DRAIN"), 10, what="DRAIN again"
+    )
     assert node.daemon.master_status(victim)["state"] == "draining"
     assert [e["master"] for e in node.daemon.events("drain_restored")] == [victim]
     served = Counter(node.request(pki.ca_pem_path)[1] for _ in range(30))

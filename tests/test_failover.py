@@ -33,8 +33,10 @@ def test_killed_master_under_load_fails_no_request(
     pki: TestPKI, masters: list[MasterProcess], tmp_path: Path
 ) -> None:
     """SIGKILL of master 2 under steady concurrent load: no request fails, HAProxy takes it out at once, the daemon reports it."""
-    with running_node(tmp_path, pki.ca_pem_path, masters) as node, \
-            RequestLoad(node, pki.ca_pem_path, threads=6) as load:
+    with (
+        running_node(tmp_path, pki.ca_pem_path, masters) as node,
+        RequestLoad(node, pki.ca_pem_path, threads=6) as load,
+    ):
         load.wait_count(150)
         assert load.served_since(0)["master-2"] > 0
         masters[1].kill()  # returns once the process is reaped: dead
@@ -74,8 +76,10 @@ def test_silent_master_is_dropped_and_its_watch_moves_within_five_seconds(
 ) -> None:
     """Packets to master 2 dropped (no FIN, no RST): probes time out, it goes down, its watch reconnects elsewhere within 5 s."""
     require_root_nft()
-    with running_node(tmp_path, pki.ca_pem_path, masters) as node, \
-            StreamPool(node.listen_port, pki.ca_pem_path) as pool:
+    with (
+        running_node(tmp_path, pki.ca_pem_path, masters) as node,
+        StreamPool(node.listen_port, pki.ca_pem_path) as pool,
+    ):
         # leastconn spreads streams evenly: three of them put one on every master.
         pool.open(3)
         assert pool.by_master()["master-2"] == 1
@@ -102,9 +106,12 @@ def test_sessions_of_a_failed_master_close_spread_over_the_window(
     pki: TestPKI, masters: list[MasterProcess], tmp_path: Path, window: float
 ) -> None:
     """200 open streams: the failed master's are closed spread over shutdown_window (at once with 0), and all reconnect to healthy masters."""
-    with running_node(
-        tmp_path, pki.ca_pem_path, masters, haproxy={"shutdown_window": window}
-    ) as node, StreamPool(node.listen_port, pki.ca_pem_path) as pool:
+    with (
+        running_node(
+            tmp_path, pki.ca_pem_path, masters, haproxy={"shutdown_window": window}
+        ) as node,
+        StreamPool(node.listen_port, pki.ca_pem_path) as pool,
+    ):
         pool.open(200)
         victims = pool.by_master()["master-2"]
         assert victims >= 50  # leastconn: about a third each
@@ -153,9 +160,14 @@ def test_recovered_master_gets_sessions_back_gradually(
             pool.run(1.5)  # streams must be older than the recovery to count as long-lived
             masters[2].set_mode("/readyz", "ok")
             wait_master(node, "master-3", "up", 5)
-            started = wait_for(lambda: node.daemon.events("rebalance_started"), 10, what="rebalance")
+            started = wait_for(
+                lambda: node.daemon.events("rebalance_started"), 10, what="rebalance"
+            )
             planned = started[0]["sessions"]
-            pool.run(30, until=lambda p: len(p.reopened) >= planned and node.daemon.events("rebalance_done"))
+            pool.run(
+                30,
+                until=lambda p: len(p.reopened) >= planned and node.daemon.events("rebalance_done"),
+            )
             pool.run(0.5)  # nothing else may follow
             after = pool.by_master()
             rebalanced = node.daemon.status()["haproxy"]["rebalanced_sessions"]
@@ -279,8 +291,10 @@ def test_all_masters_dead_fail_open_closes_clients_fast_and_recovers(
         masters[0].start()
         back = time.monotonic()
         wait_for(
-            lambda: _request_ok(node, pki.ca_pem_path), rise * interval + DEFAULT_TIMEOUT + 2.0,
-            interval=0.1, what="a request served by the master that came back",
+            lambda: _request_ok(node, pki.ca_pem_path),
+            rise * interval + DEFAULT_TIMEOUT + 2.0,
+            interval=0.1,
+            what="a request served by the master that came back",
         )
         took = time.monotonic() - back
         print(f"served {took:.2f}s after the master came back")
@@ -303,7 +317,9 @@ def test_all_masters_failing_fail_closed_puts_all_in_maint(
     with running_node(tmp_path, pki.ca_pem_path, masters, all_down="fail_closed") as node:
         for master in masters:
             master.set_mode("/readyz", "status:500")
-        status = wait_for(lambda: (s := node.daemon.status())["state"] == "down" and s, 5, what="down")
+        status = wait_for(
+            lambda: (s := node.daemon.status())["state"] == "down" and s, 5, what="down"
+        )
         wait_for(
             lambda: set(node.haproxy.server_status().values()) == {"MAINT"}, 3, what="all MAINT"
         )

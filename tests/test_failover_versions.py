@@ -52,8 +52,10 @@ def test_kill_recover_rebalance_and_failed_reload_on_each_build(
     try:
         node.start()
         wait_for(lambda: node.daemon.status()["state"] == "healthy", 10, what="healthy")
-        with StreamPool(node.listen_port, pki.ca_pem_path) as pool, \
-                RequestLoad(node, pki.ca_pem_path, threads=4) as load:
+        with (
+            StreamPool(node.listen_port, pki.ca_pem_path) as pool,
+            RequestLoad(node, pki.ca_pem_path, threads=4) as load,
+        ):
             pool.open(12)
             load.wait_count(60)
             victims = pool.by_master()["master-2"]
@@ -69,9 +71,11 @@ def test_kill_recover_rebalance_and_failed_reload_on_each_build(
             wait_master(node, "master-2", "up", 10)
             pool.run(
                 30,
-                until=lambda p: (done := node.daemon.events("rebalance_done"))
-                and len(p.closed) == len(p.reopened)
-                and sum(c.master != "master-2" for c in p.closed) >= done[0]["sessions"],
+                until=lambda p: (
+                    (done := node.daemon.events("rebalance_done"))
+                    and len(p.closed) == len(p.reopened)
+                    and sum(c.master != "master-2" for c in p.closed) >= done[0]["sessions"]
+                ),
             )
             done = node.daemon.events("rebalance_done")
             moved = [c for c in pool.closed if c.master != "master-2"]
@@ -84,7 +88,9 @@ def test_kill_recover_rebalance_and_failed_reload_on_each_build(
             node.data["listen"] = f"127.0.0.1:{blocker.getsockname()[1]}"
             node.write_config()
             node.daemon.signal(signal.SIGHUP)
-            failed = wait_for(lambda: node.daemon.events("haproxy_reload_failed"), 30, what="failed")
+            failed = wait_for(
+                lambda: node.daemon.events("haproxy_reload_failed"), 30, what="failed"
+            )
         finally:
             blocker.close()
         assert node.request(pki.ca_pem_path)[0] == 200  # the old worker serves on

@@ -275,7 +275,9 @@ async def test_hundreds_of_watch_streams_and_a_burst_of_connections(masters, pki
                 master.address, master.port, ssl=context, server_hostname="kubernetes"
             )
             try:
-                writer.write(b"GET /readyz HTTP/1.1\r\nHost: kubernetes\r\nConnection: close\r\n\r\n")
+                writer.write(
+                    b"GET /readyz HTTP/1.1\r\nHost: kubernetes\r\nConnection: close\r\n\r\n"
+                )
                 return await reader.read()
             finally:
                 await close(writer)
@@ -290,7 +292,9 @@ async def test_hundreds_of_watch_streams_and_a_burst_of_connections(masters, pki
     try:
         assert master.stats()["watch_streams"] == 200
         semaphore = asyncio.Semaphore(100)
-        answers = await asyncio.wait_for(asyncio.gather(*(short(semaphore) for _ in range(600))), 20)
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(short(semaphore) for _ in range(600))), 20
+        )
         assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"\r\n\r\nok") for a in answers)
         assert master.stats()["connections_total"] - before == 800
 
@@ -448,8 +452,10 @@ def test_pki_writes_usable_pem_files(pki):
     context.load_cert_chain(cert, key)  # the key matches the certificate
     assert pki.other().ca_pem_path != pki.ca_pem_path
     assert pki.other().ca_pem_path.read_bytes() != pki.ca_pem_path.read_bytes()
-    san = x509.load_pem_x509_certificate(cert.read_bytes()).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName
-    ).value
+    san = (
+        x509.load_pem_x509_certificate(cert.read_bytes())
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.1.77")]
     assert san.get_values_for_type(x509.DNSName) == ["extra.example"]

@@ -117,7 +117,9 @@ def test_daemon_core_scenarios(
     build: HAProxyBuild, pki: TestPKI, masters: list[MasterProcess], tmp_path: Path
 ) -> None:
     """On this build: runtime MAINT without a reload, sessions shut down, drain, and a reload verified by show proc."""
-    node = Node(tmp_path, pki.ca_pem_path, masters, haproxy={"binary": build.binary, "shutdown_window": 1.0})
+    node = Node(
+        tmp_path, pki.ca_pem_path, masters, haproxy={"binary": build.binary, "shutdown_window": 1.0}
+    )
     try:
         node.start()
         _core_scenarios(node, build, pki, masters)
@@ -128,7 +130,9 @@ def test_daemon_core_scenarios(
         node.stop()
 
 
-def _core_scenarios(node: Node, build: HAProxyBuild, pki: TestPKI, masters: list[MasterProcess]) -> None:
+def _core_scenarios(
+    node: Node, build: HAProxyBuild, pki: TestPKI, masters: list[MasterProcess]
+) -> None:
     wait_for(lambda: node.daemon.status()["state"] == "healthy", 10, what="healthy")
     status = node.daemon.status()["haproxy"]
     assert (status["version"], status["master_pid"]) == (build.package_version, node.haproxy.pid)
@@ -137,25 +141,43 @@ def _core_scenarios(node: Node, build: HAProxyBuild, pki: TestPKI, masters: list
 
     # A master failing /readyz goes MAINT through the runtime API, with no reload.
     masters[1].set_mode("/readyz", "status:500")
-    wait_for(lambda: node.haproxy.server_status()["master-2"] == "MAINT", INTERVAL * FALL + 3, what="MAINT")
+    wait_for(
+        lambda: node.haproxy.server_status()["master-2"] == "MAINT",
+        INTERVAL * FALL + 3,
+        what="MAINT",
+    )
     served = Counter(node.request(pki.ca_pem_path)[1] for _ in range(20))
     assert "master-2" not in served and sum(served.values()) == 20
     masters[1].set_mode("/readyz", "ok")
-    wait_for(lambda: node.haproxy.server_status()["master-2"].startswith("UP"), INTERVAL * RISE + 5, what="UP")
+    wait_for(
+        lambda: node.haproxy.server_status()["master-2"].startswith("UP"),
+        INTERVAL * RISE + 5,
+        what="UP",
+    )
     assert show_proc(node).master.reloads == start.master.reloads
 
     # A stream through a master that fails is closed by the session shutdown.
     with node.stream(pki.ca_pem_path) as (sock, serving):
         victim = next(m for m in masters if m.name == serving)
         victim.set_mode("/readyz", "status:500")
-        assert closed_within(sock, INTERVAL * FALL + 1.0 + 5), "stream to a failed master still open"
-    shutdown = wait_for(lambda: node.daemon.events("sessions_shutdown"), 5, what="sessions_shutdown")
+        assert closed_within(sock, INTERVAL * FALL + 1.0 + 5), (
+            "stream to a failed master still open"
+        )
+    shutdown = wait_for(
+        lambda: node.daemon.events("sessions_shutdown"), 5, what="sessions_shutdown"
+    )
     assert [e["master"] for e in shutdown] == [serving]
     victim.set_mode("/readyz", "ok")
-    wait_for(lambda: node.daemon.status()["state"] == "healthy", INTERVAL * RISE + 5, what="healthy again")
+    wait_for(
+        lambda: node.daemon.status()["state"] == "healthy",
+        INTERVAL * RISE + 5,
+        what="healthy again",
+    )
 
     # Drain: DRAIN in this HAProxy (told apart from a failed check on every version), then back.
-    drained = node.cli("drain", "master-1", "--wait", "--window", "1", "--timeout", "20", timeout=60)
+    drained = node.cli(
+        "drain", "master-1", "--wait", "--window", "1", "--timeout", "20", timeout=60
+    )
     assert drained.returncode == 0, drained
     assert node.haproxy.server_status()["master-1"].startswith("DRAIN")
     assert node.cli("undrain", "master-1", timeout=60).returncode == 0
@@ -167,7 +189,9 @@ def _core_scenarios(node: Node, build: HAProxyBuild, pki: TestPKI, masters: list
         node.data["masters"] = [m for m in node.data["masters"] if m["name"] != "master-3"]
         node.write_config()
         node.daemon.signal(signal.SIGHUP)
-        reloaded = wait_for(lambda: node.daemon.events("haproxy_reloaded"), 20, what="haproxy_reloaded")
+        reloaded = wait_for(
+            lambda: node.daemon.events("haproxy_reloaded"), 20, what="haproxy_reloaded"
+        )
         after = show_proc(node)
         assert after.master.pid == before.master.pid
         assert after.master.reloads == before.master.reloads + 1
@@ -300,7 +324,13 @@ async def _hammer_during_reloads(settings: Settings) -> Counter[str]:
 
 @pytest.mark.parametrize(
     ("version", "exposed"),
-    [(None, True), ("2.2.9-2+deb11u7", True), ("2.5.14", True), ("2.6.12-1+deb12u4", False), ("3.0.11", False)],
+    [
+        (None, True),
+        ("2.2.9-2+deb11u7", True),
+        ("2.5.14", True),
+        ("2.6.12-1+deb12u4", False),
+        ("3.0.11", False),
+    ],
 )
 def test_expose_fd_only_where_the_master_cannot_pass_listeners(
     version: str | None, exposed: bool, workdir: Path

@@ -67,7 +67,11 @@ def test_show_stat_keeps_only_the_apiserver_backend() -> None:
     )
     views = parse_show_stat(text)
     assert set(views) == {"master-1", "master-2"}
-    assert (views["master-1"].sessions, views["master-1"].bytes_in, views["master-1"].admin) == (2, 50, "ready")
+    assert (views["master-1"].sessions, views["master-1"].bytes_in, views["master-1"].admin) == (
+        2,
+        50,
+        "ready",
+    )
     assert views["master-2"].admin == "maint"
     assert not views["master-2"].operational
 

@@ -80,7 +80,7 @@ def test_unknown_events_and_structured_values() -> None:
          "_private": "x", "2fa": True}
     )  # fmt: skip
     assert "MESSAGE_ID" not in fields
-    assert fields["MESSAGE"] == 'haproxy_state_applied master=m1 pids=[1, 2] _private=x 2fa=true'
+    assert fields["MESSAGE"] == "haproxy_state_applied master=m1 pids=[1, 2] _private=x 2fa=true"
     assert fields["PIDS"] == "[1, 2]"
     assert "GONE" not in fields
     assert fields["PRIVATE"] == "x"  # journal fields may not start with '_' (trusted fields)
@@ -152,7 +152,9 @@ def refusing_journal() -> Iterator[RefusingJournal]:
         j.close()
 
 
-def run_logging(argv_prefix: list[str], fmt: str, code: str, env: dict[str, str] | None = None) -> str:
+def run_logging(
+    argv_prefix: list[str], fmt: str, code: str, env: dict[str, str] | None = None
+) -> str:
     """Configure logging like the daemon does, run ``code``; return what went to stderr."""
     program = f"from hasentinel.logs import configure\nconfigure('info', {fmt!r})\n{code}"
     result = subprocess.run(
@@ -168,7 +170,11 @@ def test_without_a_journal_socket_events_fall_back_to_json_on_stderr() -> None:
     """log.format journald with no journald: a warning, then every event as JSON on stderr."""
     if os.path.exists(journal.JOURNAL_SOCKET):
         pytest.skip("a journald runs here; the fallback is for hosts without one")
-    stderr = run_logging([], "journald", "import structlog\nstructlog.get_logger('t').warning('master_down', master='m2')")
+    stderr = run_logging(
+        [],
+        "journald",
+        "import structlog\nstructlog.get_logger('t').warning('master_down', master='m2')",
+    )
     events = [json.loads(line) for line in stderr.splitlines()]
     assert [e["event"] for e in events] == ["journal_unavailable", "master_down"]
     assert events[0]["fix"].startswith("install python3-systemd")
@@ -266,7 +272,9 @@ def test_stdlib_loggers_reach_the_journal_through_the_same_chain(real_journal: R
         real_journal.command(), "journald",
         "import logging\nlogging.getLogger('aiohttp.server').error('Error handling request')",
     )  # fmt: skip
-    entry = wait_for(lambda: real_journal.query("LOGGER=aiohttp.server"), 5, what="aiohttp entry")[0]
+    entry = wait_for(lambda: real_journal.query("LOGGER=aiohttp.server"), 5, what="aiohttp entry")[
+        0
+    ]
     assert entry["PRIORITY"] == "3"
     assert entry["MESSAGE"] == "Error handling request"
     assert entry["SYSLOG_IDENTIFIER"] == "hasentinel"
@@ -311,7 +319,9 @@ def test_daemon_under_systemd_writes_failovers_to_the_journal(
         wait_for(lambda: node.daemon.status()["state"] == "healthy", 10, what="healthy")
         masters[1].set_mode("/readyz", "status:500")
         down = wait_for(
-            lambda: real_journal.query("MASTER=master-2", "TO_STATE=down"), 8, what="master_down entry"
+            lambda: real_journal.query("MASTER=master-2", "TO_STATE=down"),
+            8,
+            what="master_down entry",
         )
         assert len(down) == 1
         entry = down[0]

@@ -35,14 +35,21 @@ CertFor = Callable[[trustme.CA, int, str], trustme.LeafCert]
 
 def loopback_cert(ca: trustme.CA, n: int, address: str) -> trustme.LeafCert:
     """A master certificate with 127.0.0.1 among its SANs (certSANs done right)."""
-    return ca.issue_cert("kubernetes", "kubernetes.default", f"master-{n}.example", address,
-                         "127.0.0.1")
+    return ca.issue_cert(
+        "kubernetes", "kubernetes.default", f"master-{n}.example", address, "127.0.0.1"
+    )
 
 
 def dns_only_cert(ca: trustme.CA, n: int, address: str) -> trustme.LeafCert:
     """A master certificate with DNS names only: kubeadm's, and a shorter shared one."""
-    return ca.issue_cert("kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                         "kubernetes.default.svc.cluster.local", "api.lan", f"master-{n}.example")
+    return ca.issue_cert(
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+        "api.lan",
+        f"master-{n}.example",
+    )
 
 
 def lonely_cert(ca: trustme.CA, n: int, address: str) -> trustme.LeafCert:
@@ -72,7 +79,8 @@ class Node:
     def kubeconfig(self, name: str, *, server: str | None = None) -> Path:
         """A copy of tests/data/kubeconfigs/NAME with its paths and master rewritten to here."""
         text = (
-            (DATA / name).read_text()
+            (DATA / name)
+            .read_text()
             .replace("https://10.0.0.11:6443", server or f"https://{self.masters[0].endpoint}")
             .replace("/etc/kubernetes/pki", str(self.pki))
             .replace("/var/lib/kubelet/pki", str(self.kubelet_pki))
@@ -105,8 +113,10 @@ def make_node(tmp_path: Path, servers: Masters, ca: trustme.CA) -> Callable[...,
     """Start three masters whose certificates come from ``cert_for``; write the node's files."""
 
     def make(cert_for: CertFor, listen: Endpoint | None = None) -> Node:
-        started = [servers.start(cert_for(ca, n, a), a, f"master-{n}")
-                   for n, a in enumerate(MASTER_ADDRESSES, 1)]
+        started = [
+            servers.start(cert_for(ca, n, a), a, f"master-{n}")
+            for n, a in enumerate(MASTER_ADDRESSES, 1)
+        ]
         pki, kubelet_pki = tmp_path / "pki", tmp_path / "kubelet-pki"
         pki.mkdir()
         kubelet_pki.mkdir()
@@ -115,11 +125,17 @@ def make_node(tmp_path: Path, servers: Masters, ca: trustme.CA) -> Callable[...,
         current = kubelet_pki / "kubelet-client-current.pem"
         current.write_bytes(client.private_key_and_cert_chain_pem.bytes())
         config = tmp_path / "hasentinel.yaml"
-        config.write_text(yaml.safe_dump({
-            "masters": [{"name": m.name, "address": m.address, "port": m.port} for m in started],
-            "listen": str(listen or Endpoint("127.0.0.1", 6443)),
-            "probe": {"ca_file": str(pki / "ca.crt")},
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "masters": [
+                        {"name": m.name, "address": m.address, "port": m.port} for m in started
+                    ],
+                    "listen": str(listen or Endpoint("127.0.0.1", 6443)),
+                    "probe": {"ca_file": str(pki / "ca.crt")},
+                }
+            )
+        )
         return Node(tmp_path, ca, started, config, pki, kubelet_pki)
 
     return make
@@ -157,7 +173,8 @@ def test_adopt_changes_only_the_server_line(
     assert code == 0, capsys.readouterr().err
     assert changed_lines(before, after) == [
         (line, line.replace(old_url, node.url))
-        for line in before.decode().splitlines(keepends=True) if "server:" in line
+        for line in before.decode().splitlines(keepends=True)
+        if "server:" in line
     ]
     assert backup_of(path).read_bytes() == before
     assert "restart the kubelet" in capsys.readouterr().out
@@ -198,8 +215,10 @@ def test_adopt_sets_tls_server_name_when_certificates_lack_loopback(
     new = path.read_text().splitlines(keepends=True)
     assert code == 0, capsys.readouterr().err
     assert new == [
-        *old[:at], old[at].replace(f"https://{node.masters[0].endpoint}", node.url),
-        f"{indent}tls-server-name: kubernetes\n", *old[at + 1:],
+        *old[:at],
+        old[at].replace(f"https://{node.masters[0].endpoint}", node.url),
+        f"{indent}tls-server-name: kubernetes\n",
+        *old[at + 1 :],
     ]
 
 
@@ -229,8 +248,13 @@ def test_adopt_refuses_an_embedded_ca_that_does_not_verify_the_masters(
     node = make_node(loopback_cert)
     path = node.kubeconfig("admin-embedded.conf")
     stranger = base64.b64encode(trustme.CA().cert_pem.bytes()).decode()
-    path.write_text(re.sub(r"certificate-authority-data: \S+",
-                           f"certificate-authority-data: {stranger}", path.read_text()))
+    path.write_text(
+        re.sub(
+            r"certificate-authority-data: \S+",
+            f"certificate-authority-data: {stranger}",
+            path.read_text(),
+        )
+    )
     before = snapshot(path)
 
     code = run_cli(node.config, "kubeconfig", "adopt", str(path))
@@ -250,8 +274,13 @@ def test_adopt_accepts_an_embedded_ca_that_verifies(
     node = make_node(loopback_cert)
     path = node.kubeconfig("admin-embedded.conf")
     data = base64.b64encode(node.ca.cert_pem.bytes()).decode()
-    path.write_text(re.sub(r"certificate-authority-data: \S+",
-                           f"certificate-authority-data: {data}", path.read_text()))
+    path.write_text(
+        re.sub(
+            r"certificate-authority-data: \S+",
+            f"certificate-authority-data: {data}",
+            path.read_text(),
+        )
+    )
     before = path.read_bytes()
 
     code = run_cli(node.config, "kubeconfig", "adopt", str(path))
@@ -272,8 +301,11 @@ def test_adopt_changes_only_the_cluster_that_points_at_a_master(
     code = run_cli(node.config, "kubeconfig", "adopt", str(path))
 
     new = yaml.safe_load(path.read_bytes())
-    touched = [c["name"] for c in old["clusters"]
-               if kubeconfig.master_for(c["cluster"]["server"], node.masters)]
+    touched = [
+        c["name"]
+        for c in old["clusters"]
+        if kubeconfig.master_for(c["cluster"]["server"], node.masters)
+    ]
     assert code == 0, capsys.readouterr().err
     assert len(touched) == 1
     assert len(changed_lines(before, path.read_bytes())) == 1
@@ -406,8 +438,15 @@ def test_default_files_include_kube_proxy_when_it_is_a_file(
     node = make_node(loopback_cert)
     kubelet, proxy = node.kubeconfig("kubelet.conf"), node.kubeconfig("kube-proxy.conf")
 
-    code = run_cli(node.config, "kubeconfig", "adopt", "--kubelet-kubeconfig", str(kubelet),
-                   "--kube-proxy-kubeconfig", str(proxy))
+    code = run_cli(
+        node.config,
+        "kubeconfig",
+        "adopt",
+        "--kubelet-kubeconfig",
+        str(kubelet),
+        "--kube-proxy-kubeconfig",
+        str(proxy),
+    )
 
     out = capsys.readouterr().out
     assert code == 0
@@ -423,8 +462,15 @@ def test_kube_proxy_in_a_configmap_gets_a_working_command(
     node = make_node(dns_only_cert)
     kubelet = node.kubeconfig("kubelet.conf")
 
-    code = run_cli(node.config, "kubeconfig", "adopt", "--kubelet-kubeconfig", str(kubelet),
-                   "--kube-proxy-kubeconfig", str(tmp_path / "absent" / "kubeconfig.conf"))
+    code = run_cli(
+        node.config,
+        "kubeconfig",
+        "adopt",
+        "--kubelet-kubeconfig",
+        str(kubelet),
+        "--kube-proxy-kubeconfig",
+        str(tmp_path / "absent" / "kubeconfig.conf"),
+    )
 
     out = capsys.readouterr().out
     assert code == 0
@@ -432,8 +478,12 @@ def test_kube_proxy_in_a_configmap_gets_a_working_command(
     expression = re.search(r"sed -E '([^']+)'", out)
     assert expression is not None
     configmap = node.kubeconfig("kube-proxy-configmap.yaml")
-    edited = subprocess.run(["sed", "-E", expression.group(1), str(configmap)], check=True,
-                            capture_output=True, text=True).stdout
+    edited = subprocess.run(
+        ["sed", "-E", expression.group(1), str(configmap)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     cluster = yaml.safe_load(yaml.safe_load(edited)["data"]["kubeconfig.conf"])["clusters"][0]
     adopted = yaml.safe_load(kubelet.read_text())["clusters"][0]["cluster"]
     assert cluster["cluster"]["server"] == node.url
@@ -458,7 +508,9 @@ def test_restart_runs_only_after_a_change(
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kubectl_reads_the_adopted_kubeconfig_and_reaches_the_endpoint(
-    make_node: Callable[..., Node], servers: Masters, tmp_path: Path,
+    make_node: Callable[..., Node],
+    servers: Masters,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """kubectl parses the adopted file, reports the new server, and verifies TLS through it."""
@@ -470,8 +522,14 @@ def test_kubectl_reads_the_adopted_kubeconfig_and_reaches_the_endpoint(
     env = {**os.environ, "HOME": str(tmp_path)}
 
     def kubectl(*argv: str) -> str:
-        done = subprocess.run(["kubectl", "--kubeconfig", str(path), *argv], env=env,
-                              capture_output=True, text=True, timeout=120, check=False)
+        done = subprocess.run(
+            ["kubectl", "--kubeconfig", str(path), *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout
 

@@ -61,9 +61,13 @@ def test_scrape_reports_states_probes_and_transitions(
     """A master failing /readyz shows as down in the state gauges, its probe results and transitions."""
     wait_for(lambda: node.daemon.status()["state"] == "healthy", 10, what="healthy")
     masters[1].set_mode("/readyz", "status:500")
-    wait_for(lambda: node.daemon.master_status("master-2")["state"] == "down", 6, what="master-2 down")
+    wait_for(
+        lambda: node.daemon.master_status("master-2")["state"] == "down", 6, what="master-2 down"
+    )
     # The health model moves first; the main loop's decision and HAProxy follow within a tick.
-    wait_for(lambda: node.haproxy.server_status()["master-2"] == "MAINT", 3, what="MAINT in HAProxy")
+    wait_for(
+        lambda: node.haproxy.server_status()["master-2"] == "MAINT", 3, what="MAINT in HAProxy"
+    )
 
     content_type, samples = scrape(node)
     assert content_type.startswith("text/plain; version=0.0.4")
@@ -76,14 +80,16 @@ def test_scrape_reports_states_probes_and_transitions(
     assert value(samples, "hasentinel_probe_results_total", master="master-2", result="http") >= 2
     assert value(samples, "hasentinel_probe_results_total", master="master-1", result="ok") >= 1
     transitions = {
-        labels: v for (name, labels), v in samples.items() if name == "hasentinel_master_transitions_total"
+        labels: v
+        for (name, labels), v in samples.items()
+        if name == "hasentinel_master_transitions_total"
     }
     assert transitions[(("master", "master-2"), ("to_state", "down"))] == 1
     assert (("master", "master-1"), ("to_state", "down")) not in transitions
     # Every answered probe is in the histogram, the failed 500s included.
-    answered = value(samples, "hasentinel_probe_results_total", master="master-2", result="http") + value(
-        samples, "hasentinel_probe_results_total", master="master-2", result="ok"
-    )
+    answered = value(
+        samples, "hasentinel_probe_results_total", master="master-2", result="http"
+    ) + value(samples, "hasentinel_probe_results_total", master="master-2", result="ok")
     count = value(samples, "hasentinel_probe_duration_seconds_count", master="master-2")
     assert answered - 1 <= count <= answered + 1  # a probe may land between the two reads
 
@@ -105,7 +111,10 @@ def test_scrape_reports_haproxy_view_and_reloads(node: Node, pki: TestPKI) -> No
     samples = wait_for(served, 5, what="sessions counted in /metrics")
     status = node.daemon.status()
     assert value(samples, "hasentinel_haproxy_up") == 1
-    assert value(samples, "hasentinel_haproxy_reloads_total", outcome="success") == status["haproxy"]["reloads"]
+    assert (
+        value(samples, "hasentinel_haproxy_reloads_total", outcome="success")
+        == status["haproxy"]["reloads"]
+    )
     assert value(samples, "hasentinel_haproxy_reloads_total", outcome="failure") == 0
     assert value(samples, "hasentinel_haproxy_old_workers") == status["haproxy"]["old_workers"]
     for i in (1, 2, 3):
@@ -116,10 +125,14 @@ def test_scrape_reports_haproxy_view_and_reloads(node: Node, pki: TestPKI) -> No
             assert value(samples, "hasentinel_haproxy_server_bytes_out_total", master=name) > 0
 
 
-def test_scrape_reports_certificate_expiry(node: Node, pki: TestPKI, masters: list[MasterProcess]) -> None:
+def test_scrape_reports_certificate_expiry(
+    node: Node, pki: TestPKI, masters: list[MasterProcess]
+) -> None:
     """The CA's and every master's notAfter are exported as timestamps, read from the real certificates."""
     samples = wait_for(
-        lambda: (s := scrape(node)[1]).get(("hasentinel_certificate_check_timestamp_seconds", ())) and s,
+        lambda: (
+            (s := scrape(node)[1]).get(("hasentinel_certificate_check_timestamp_seconds", ())) and s
+        ),
         10,
         what="a certificate check",
     )

@@ -150,7 +150,10 @@ def test_parse_masters_accepts_every_documented_form() -> None:
     parsed = nodeinit.parse_masters(" 10.0.0.11, 10.0.0.12:7443,m3=[fd00::13]:6444, fd00::14,")
 
     assert [(m.address, m.port) for m in parsed] == [
-        ("10.0.0.11", 6443), ("10.0.0.12", 7443), ("fd00::13", 6444), ("fd00::14", 6443)
+        ("10.0.0.11", 6443),
+        ("10.0.0.12", 7443),
+        ("fd00::13", 6444),
+        ("fd00::14", 6443),
     ]
     assert parsed[2].name == "m3"
     settings = parse_settings({"masters": [vars(m) for m in parsed]}, check_files=False)
@@ -161,15 +164,25 @@ def test_init_writes_a_valid_commented_config(
     tmp_path: Path, masters: Masters, ca: trustme.CA, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """init writes a commented file that parse_settings accepts, with every master probed ok."""
-    started = [masters.start(kubeadm_cert(ca, a), a, f"master-{i}")
-               for i, a in enumerate(MASTER_ADDRESSES, 1)]
+    started = [
+        masters.start(kubeadm_cert(ca, a), a, f"master-{i}")
+        for i, a in enumerate(MASTER_ADDRESSES, 1)
+    ]
     ca_file = tmp_path / "ca.crt"
     ca.cert_pem.write_to_path(str(ca_file))
     config = tmp_path / "etc" / "hasentinel.yaml"
     listen = f"127.0.0.1:{free_port()}"
 
-    code = run_cli(config, "init", "--masters", masters_option(started), "--ca-file", str(ca_file),
-                   "--listen", listen)
+    code = run_cli(
+        config,
+        "init",
+        "--masters",
+        masters_option(started),
+        "--ca-file",
+        str(ca_file),
+        "--listen",
+        listen,
+    )
 
     out = capsys.readouterr().out
     assert code == 0
@@ -203,12 +216,28 @@ def test_init_reports_each_probe_outcome_and_still_writes(
     config = tmp_path / "hasentinel.yaml"
     everyone = [ok, failing, hung, stranger, refused]
 
-    code = run_cli(config, "init", "--masters", masters_option(everyone), "--ca-file",
-                   str(ca_file), "--listen", f"127.0.0.1:{free_port()}", "--probe-timeout", "0.5")
+    code = run_cli(
+        config,
+        "init",
+        "--masters",
+        masters_option(everyone),
+        "--ca-file",
+        str(ca_file),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--probe-timeout",
+        "0.5",
+    )
 
     captured = capsys.readouterr()
-    lines = {m.name: next(line for line in captured.out.splitlines()
-                          if line.split()[:2] == [m.name, str(m.endpoint)]) for m in everyone}
+    lines = {
+        m.name: next(
+            line
+            for line in captured.out.splitlines()
+            if line.split()[:2] == [m.name, str(m.endpoint)]
+        )
+        for m in everyone
+    }
     assert code == 0
     assert lines["up"].endswith(" ok")
     assert "http 500" in lines["failing"]
@@ -229,8 +258,15 @@ def test_init_refuses_to_overwrite_without_force(
     config = tmp_path / "hasentinel.yaml"
     config.write_text("# the operator's own\nmasters: [10.9.9.9]\n")
     before = config.read_bytes()
-    argv = ["init", "--masters", str(master.endpoint), "--ca-file", str(ca_file),
-            "--listen", f"127.0.0.1:{free_port()}"]
+    argv = [
+        "init",
+        "--masters",
+        str(master.endpoint),
+        "--ca-file",
+        str(ca_file),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    ]
 
     refused = run_cli(config, *argv)
     err = capsys.readouterr().err
@@ -252,8 +288,15 @@ def test_init_replaces_the_packaged_config_without_force(
     config = tmp_path / "hasentinel.yaml"
     packaged = Path(__file__).resolve().parent.parent / "config" / "hasentinel.yaml"
     config.write_bytes(packaged.read_bytes())
-    argv = ["init", "--masters", str(master.endpoint), "--ca-file", str(ca_file),
-            "--listen", f"127.0.0.1:{free_port()}"]
+    argv = [
+        "init",
+        "--masters",
+        str(master.endpoint),
+        "--ca-file",
+        str(ca_file),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    ]
 
     assert run_cli(config, *argv) == 0
     assert parse_settings(load(config), check_files=False).masters[0].port == master.port
@@ -293,15 +336,25 @@ def test_init_picks_a_server_name_every_certificate_carries(
     tmp_path: Path, masters: Masters, ca: trustme.CA, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Certificates without the masters' addresses make init choose a DNS name they all carry."""
-    certs = [ca.issue_cert(f"master-{i}.example", "kubernetes", "kubernetes.default")
-             for i in range(len(MASTER_ADDRESSES))]
+    certs = [
+        ca.issue_cert(f"master-{i}.example", "kubernetes", "kubernetes.default")
+        for i in range(len(MASTER_ADDRESSES))
+    ]
     started = [masters.start(c, a) for c, a in zip(certs, MASTER_ADDRESSES, strict=True)]
     ca_file = tmp_path / "ca.crt"
     ca.cert_pem.write_to_path(str(ca_file))
     config = tmp_path / "hasentinel.yaml"
 
-    code = run_cli(config, "init", "--masters", masters_option(started), "--ca-file",
-                   str(ca_file), "--listen", f"127.0.0.1:{free_port()}")
+    code = run_cli(
+        config,
+        "init",
+        "--masters",
+        masters_option(started),
+        "--ca-file",
+        str(ca_file),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    )
 
     name = parse_settings(load(config), check_files=False).probe.server_name
     assert code == 0
@@ -320,9 +373,18 @@ def test_init_warns_when_the_given_server_name_is_not_carried(
     ca.cert_pem.write_to_path(str(ca_file))
     config = tmp_path / "hasentinel.yaml"
 
-    code = run_cli(config, "init", "--masters", masters_option([master]), "--ca-file",
-                   str(ca_file), "--listen", f"127.0.0.1:{free_port()}",
-                   "--server-name", "api.elsewhere.example")
+    code = run_cli(
+        config,
+        "init",
+        "--masters",
+        masters_option([master]),
+        "--ca-file",
+        str(ca_file),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--server-name",
+        "api.elsewhere.example",
+    )
 
     out = capsys.readouterr().out
     assert code == 0
@@ -345,15 +407,22 @@ def test_init_from_kubelet_conf_takes_file_references(
     pem.write_bytes(client.private_key_and_cert_chain_pem.bytes())
     kubelet_conf = tmp_path / "kubelet.conf"
     kubelet_conf.write_text(
-        (DATA / "kubelet.conf").read_text()
+        (DATA / "kubelet.conf")
+        .read_text()
         .replace("/etc/kubernetes/pki", str(pki))
         .replace("/var/lib/kubelet/pki", str(kubelet_pki))
         .replace("https://10.0.0.11:6443", f"https://{master.endpoint}")
     )
     config = tmp_path / "hasentinel" / "hasentinel.yaml"
 
-    code = run_cli(config, "init", "--from-kubeconfig", str(kubelet_conf),
-                   "--listen", f"127.0.0.1:{free_port()}")
+    code = run_cli(
+        config,
+        "init",
+        "--from-kubeconfig",
+        str(kubelet_conf),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    )
 
     settings = parse_settings(load(config), check_files=False)
     assert code == 0
@@ -382,8 +451,9 @@ def test_init_from_kubeconfig_writes_embedded_data_to_files(
     admin_conf.write_text(text.replace("https://10.0.0.11:6443", f"https://{master.endpoint}"))
     config = tmp_path / "hasentinel" / "hasentinel.yaml"
 
-    code = run_cli(config, "init", "--from-kubeconfig", str(admin_conf),
-                   "--listen", f"127.0.0.1:{free_port()}")
+    code = run_cli(
+        config, "init", "--from-kubeconfig", str(admin_conf), "--listen", f"127.0.0.1:{free_port()}"
+    )
 
     probe = parse_settings(load(config), check_files=False).probe
     assert code == 0, capsys.readouterr().err
@@ -417,8 +487,14 @@ def test_init_failure_leaves_nothing_behind(
     config_dir = tmp_path / "hasentinel"
     config_dir.mkdir()
 
-    code = run_cli(config_dir / "hasentinel.yaml", "init", "--from-kubeconfig", str(admin_conf),
-                   "--listen", f"127.0.0.1:{free_port()}")
+    code = run_cli(
+        config_dir / "hasentinel.yaml",
+        "init",
+        "--from-kubeconfig",
+        str(admin_conf),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    )
 
     assert code == 1
     assert "client certificate" in capsys.readouterr().err
@@ -433,8 +509,16 @@ def test_init_names_every_invalid_value(
     ca.cert_pem.write_to_path(str(ca_file))
     config = tmp_path / "hasentinel.yaml"
 
-    code = run_cli(config, "init", "--masters", "bad name=10.0.0.11,10.0.0.12,10.0.0.12",
-                   "--ca-file", str(ca_file), "--listen", f"127.0.0.1:{free_port()}")
+    code = run_cli(
+        config,
+        "init",
+        "--masters",
+        "bad name=10.0.0.11,10.0.0.12,10.0.0.12",
+        "--ca-file",
+        str(ca_file),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    )
 
     err = capsys.readouterr().err
     assert code == 1

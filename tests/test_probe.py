@@ -34,7 +34,9 @@ def _collect_leaked_transports() -> Iterator[None]:
 @pytest.fixture
 def master(pki: TestPKI, tmp_path: Path) -> Iterator[MasterProcess]:
     """One fake master on 127.0.1.9, its certificate naming that address and `kubernetes`."""
-    m = MasterProcess("probe-target", "127.0.1.9", 6443, pki, tmp_path / "m", client_ca=pki.ca_pem_path)
+    m = MasterProcess(
+        "probe-target", "127.0.1.9", 6443, pki, tmp_path / "m", client_ca=pki.ca_pem_path
+    )
     m.start()
     try:
         yield m
@@ -43,7 +45,9 @@ def master(pki: TestPKI, tmp_path: Path) -> Iterator[MasterProcess]:
 
 
 async def probe_once(master: MasterProcess | Master, settings: ProbeSettings) -> object:
-    target = master if isinstance(master, Master) else Master(master.name, master.address, master.port)
+    target = (
+        master if isinstance(master, Master) else Master(master.name, master.address, master.port)
+    )
     prober = Prober(target, settings, TLSMaterial(settings))
     try:
         return await prober.probe()
@@ -88,7 +92,9 @@ async def test_closed_connection_is_a_reset(master: MasterProcess, pki: TestPKI)
 
 async def test_refused_connection(pki: TestPKI) -> None:
     """Nothing listening: connection refused."""
-    result = await probe_once(Master("gone", "127.0.1.10", 6443), ProbeSettings(ca_file=str(pki.ca_pem_path)))
+    result = await probe_once(
+        Master("gone", "127.0.1.10", 6443), ProbeSettings(ca_file=str(pki.ca_pem_path))
+    )
     assert (result.kind, result.reason) == (Kind.REFUSED, "connection refused")  # type: ignore[attr-defined]
 
 
@@ -100,7 +106,9 @@ async def test_wrong_ca_fails_verification(master: MasterProcess, pki: TestPKI) 
     assert "certificate" in result.reason  # type: ignore[attr-defined]
 
 
-async def test_server_name_verifies_certificates_without_the_address(pki: TestPKI, tmp_path: Path) -> None:
+async def test_server_name_verifies_certificates_without_the_address(
+    pki: TestPKI, tmp_path: Path
+) -> None:
     """A certificate that names only `kubernetes` fails by address and passes with server_name."""
     cert = pki.issue("dns-only", "kubernetes", "dns-only")
     m = MasterProcess("dns-only", "127.0.1.11", 6443, cert, tmp_path / "d")
@@ -109,7 +117,9 @@ async def test_server_name_verifies_certificates_without_the_address(pki: TestPK
         by_address = await probe_once(m, ProbeSettings(ca_file=str(pki.ca_pem_path)))
         assert by_address.kind is Kind.TLS  # type: ignore[attr-defined]
         assert "mismatch" in by_address.reason.lower()  # type: ignore[attr-defined]
-        by_name = await probe_once(m, ProbeSettings(ca_file=str(pki.ca_pem_path), server_name="kubernetes"))
+        by_name = await probe_once(
+            m, ProbeSettings(ca_file=str(pki.ca_pem_path), server_name="kubernetes")
+        )
         assert by_name.kind is Kind.OK  # type: ignore[attr-defined]
         assert m.stats()["requests"].get("/readyz", 0) >= 1
     finally:
@@ -123,7 +133,9 @@ async def test_client_certificate_is_presented_and_reread_after_rotation(
     first_cert, first_key = pki.client_cert("system:node:worker-1", "system:nodes", fresh=True)
     combined = tmp_path / "kubelet-client-current.pem"
     combined.write_bytes(first_cert.read_bytes() + first_key.read_bytes())
-    settings = ProbeSettings(ca_file=str(pki.ca_pem_path), cert_file=str(combined), key_file=str(combined))
+    settings = ProbeSettings(
+        ca_file=str(pki.ca_pem_path), cert_file=str(combined), key_file=str(combined)
+    )
     tls = TLSMaterial(settings)
     prober = Prober(Master(master.name, master.address, master.port), settings, tls)
     try:
@@ -131,7 +143,9 @@ async def test_client_certificate_is_presented_and_reread_after_rotation(
         assert master.stats()["last_client_cn"] == "system:node:worker-1"
 
         # The kubelet rotates by replacing the file (a new inode).
-        second_cert, second_key = pki.client_cert("system:node:worker-1-rotated", "system:nodes", fresh=True)
+        second_cert, second_key = pki.client_cert(
+            "system:node:worker-1-rotated", "system:nodes", fresh=True
+        )
         rotated = tmp_path / "rotated.pem"
         rotated.write_bytes(second_cert.read_bytes() + second_key.read_bytes())
         os.replace(rotated, combined)
@@ -149,7 +163,9 @@ async def test_unreadable_rotated_certificate_keeps_the_previous_one(
     cert, key = pki.client_cert("system:node:worker-2", "system:nodes", fresh=True)
     combined = tmp_path / "client.pem"
     combined.write_bytes(cert.read_bytes() + key.read_bytes())
-    settings = ProbeSettings(ca_file=str(pki.ca_pem_path), cert_file=str(combined), key_file=str(combined))
+    settings = ProbeSettings(
+        ca_file=str(pki.ca_pem_path), cert_file=str(combined), key_file=str(combined)
+    )
     tls = TLSMaterial(settings)
     prober = Prober(Master(master.name, master.address, master.port), settings, tls)
     try:

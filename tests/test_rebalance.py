@@ -74,7 +74,10 @@ def test_rebalance_settings_default_on_and_validated() -> None:
     assert not off.haproxy.rebalance.enabled
     with pytest.raises(ConfigError) as caught:
         parse_settings(
-            {"masters": ["10.0.0.1"], "haproxy": {"rebalance": {"share": 1.5, "max_per_second": 0}}},
+            {
+                "masters": ["10.0.0.1"],
+                "haproxy": {"rebalance": {"share": 1.5, "max_per_second": 0}},
+            },
             check_files=False,
         )
     assert [e.split(":")[0] for e in caught.value.errors] == [

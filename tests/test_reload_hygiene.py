@@ -39,7 +39,9 @@ def test_failed_reload_is_reported_and_the_next_good_one_recovers(
             node.data["listen"] = f"127.0.0.1:{taken}"
             node.write_config()
             node.daemon.signal(signal.SIGHUP)
-            failed = wait_for(lambda: node.daemon.events("haproxy_reload_failed"), 20, what="reload failure")
+            failed = wait_for(
+                lambda: node.daemon.events("haproxy_reload_failed"), 20, what="reload failure"
+            )
             status = node.daemon.status()["haproxy"]
             # The old worker still serves the old port.
             assert node.request(pki.ca_pem_path)[0] == 200
@@ -71,19 +73,26 @@ def test_old_workers_are_counted_and_stopped_by_hard_stop_after(
 ) -> None:
     """A watch open across a reload keeps an old worker, counted in status, until hard_stop_after ends it."""
     hard_stop = 3.0
-    with running_node(
-        tmp_path, pki.ca_pem_path, masters, haproxy={"hard_stop_after": hard_stop}
-    ) as node, StreamPool(node.listen_port, pki.ca_pem_path, reconnect=False) as pool:
+    with (
+        running_node(
+            tmp_path, pki.ca_pem_path, masters, haproxy={"hard_stop_after": hard_stop}
+        ) as node,
+        StreamPool(node.listen_port, pki.ca_pem_path, reconnect=False) as pool,
+    ):
         pool.open(1)
         assert node.daemon.status()["haproxy"]["old_workers"] == 0
         reload_with(node, connect_timeout=1.5)
         reloaded = wait_for(lambda: node.daemon.events("haproxy_reloaded"), 20, what="reload")
         old = wait_for(
-            lambda: (n := node.daemon.status()["haproxy"]["old_workers"]) and n, 3, what="old worker"
+            lambda: (n := node.daemon.status()["haproxy"]["old_workers"]) and n,
+            3,
+            what="old worker",
         )
         pool.run(hard_stop + 3, until=lambda p: p.closed)
         assert len(pool.closed) == 1
-        wait_for(lambda: node.daemon.status()["haproxy"]["old_workers"] == 0, 3, what="no old worker")
+        wait_for(
+            lambda: node.daemon.status()["haproxy"]["old_workers"] == 0, 3, what="no old worker"
+        )
 
     assert old == 1
     lived = pool.closed[0].at - event_time(reloaded[0])
@@ -144,7 +153,9 @@ class ConnectLoad:
     async def _one(self) -> None:
         writer = None
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 5)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", self.port), 5
+            )
             writer.write_eof()
             await asyncio.wait_for(reader.read(), 5)
             self.ok += 1
@@ -170,8 +181,11 @@ def test_hundred_reloads_under_load_fail_no_connection(
 ) -> None:
     """100 verified reloads through the daemon while thousands of connections per second (and TLS requests) come in: none fails."""
     reloads = 100
-    with running_node(tmp_path, pki.ca_pem_path, masters) as node, \
-            ConnectLoad(node.listen_port) as load, RequestLoad(node, pki.ca_pem_path, threads=2) as tls:
+    with (
+        running_node(tmp_path, pki.ca_pem_path, masters) as node,
+        ConnectLoad(node.listen_port) as load,
+        RequestLoad(node, pki.ca_pem_path, threads=2) as tls,
+    ):
         time.sleep(2.0)
         start_ok, started = load.ok, time.monotonic()
         for index in range(1, reloads + 1):
@@ -186,7 +200,9 @@ def test_hundred_reloads_under_load_fail_no_connection(
         rate = (load.ok - start_ok) / elapsed
         time.sleep(1.0)
         status = node.daemon.status()["haproxy"]
-    print(f"{reloads} reloads in {elapsed:.1f}s, {rate:.0f} connections/s, {load.ok} connections, {tls.count} TLS requests")
+    print(
+        f"{reloads} reloads in {elapsed:.1f}s, {rate:.0f} connections/s, {load.ok} connections, {tls.count} TLS requests"
+    )
     assert load.failed == []
     assert tls.failures() == []
     assert status["reloads"] == reloads

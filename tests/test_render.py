@@ -43,8 +43,12 @@ def settings_for(tmp_path: Path, masters: list[object], **extra: object) -> Sett
 
 def test_rendering_is_deterministic_and_sorted(tmp_path: Path) -> None:
     """The same masters in any order render the same bytes, servers sorted by name."""
-    a = settings_for(tmp_path, [{"name": "m2", "address": "10.0.0.2"}, {"name": "m1", "address": "10.0.0.1"}])
-    b = settings_for(tmp_path, [{"name": "m1", "address": "10.0.0.1"}, {"name": "m2", "address": "10.0.0.2"}])
+    a = settings_for(
+        tmp_path, [{"name": "m2", "address": "10.0.0.2"}, {"name": "m1", "address": "10.0.0.1"}]
+    )
+    b = settings_for(
+        tmp_path, [{"name": "m1", "address": "10.0.0.1"}, {"name": "m2", "address": "10.0.0.2"}]
+    )
     text = render_config(a)
     assert text == render_config(b)
     servers = [line.split()[1] for line in text.splitlines() if line.strip().startswith("server ")]
@@ -53,10 +57,19 @@ def test_rendering_is_deterministic_and_sorted(tmp_path: Path) -> None:
 
 def test_rendered_config_has_what_failover_needs(tmp_path: Path) -> None:
     """Listen address, passive failure detection, redispatch, tunnel timeout and hard-stop-after are all there."""
-    s = settings_for(tmp_path, ["10.0.0.1"], listen="127.0.0.1:16443", haproxy={
-        "binary": HAPROXY, "config": str(tmp_path / "h.cfg"), "master_socket": str(tmp_path / "m.sock"),
-        "admin_socket": str(tmp_path / "a.sock"), "hard_stop_after": 90, "connect_timeout": 0.5,
-    })
+    s = settings_for(
+        tmp_path,
+        ["10.0.0.1"],
+        listen="127.0.0.1:16443",
+        haproxy={
+            "binary": HAPROXY,
+            "config": str(tmp_path / "h.cfg"),
+            "master_socket": str(tmp_path / "m.sock"),
+            "admin_socket": str(tmp_path / "a.sock"),
+            "hard_stop_after": 90,
+            "connect_timeout": 0.5,
+        },
+    )
     text = render_config(s)
     assert "bind 127.0.0.1:16443" in text
     assert "observe layer4" in text and "on-error mark-down" in text
@@ -69,10 +82,17 @@ def test_rendered_config_has_what_failover_needs(tmp_path: Path) -> None:
 
 def test_ipv6_master_and_disabled_stats(tmp_path: Path) -> None:
     """An IPv6 master is bracketed; stats: null drops the stats listener."""
-    s = settings_for(tmp_path, [{"name": "v6", "address": "fd00::1"}], haproxy={
-        "binary": HAPROXY, "config": str(tmp_path / "h.cfg"), "master_socket": str(tmp_path / "m.sock"),
-        "admin_socket": str(tmp_path / "a.sock"), "stats": None,
-    })
+    s = settings_for(
+        tmp_path,
+        [{"name": "v6", "address": "fd00::1"}],
+        haproxy={
+            "binary": HAPROXY,
+            "config": str(tmp_path / "h.cfg"),
+            "master_socket": str(tmp_path / "m.sock"),
+            "admin_socket": str(tmp_path / "a.sock"),
+            "stats": None,
+        },
+    )
     text = render_config(s)
     assert "server v6 [fd00::1]:6443" in text
     assert "listen stats" not in text
@@ -81,7 +101,14 @@ def test_ipv6_master_and_disabled_stats(tmp_path: Path) -> None:
 @needs_haproxy
 def test_rendered_config_passes_haproxy_check_without_warnings(tmp_path: Path) -> None:
     """The real haproxy accepts the rendered config and prints no warning."""
-    s = settings_for(tmp_path, ["10.0.0.1", {"name": "v6", "address": "fd00::1"}, {"name": "byname", "address": "localhost"}])
+    s = settings_for(
+        tmp_path,
+        [
+            "10.0.0.1",
+            {"name": "v6", "address": "fd00::1"},
+            {"name": "byname", "address": "localhost"},
+        ],
+    )
     ensure_server_state_file(s)
     validation = write_config(HAPROXY, s.haproxy.config, render_config(s))
     assert validation.ok, validation.output
@@ -96,7 +123,11 @@ def test_rejected_config_leaves_the_old_file_and_no_temp_files(tmp_path: Path) -
     write_config(HAPROXY, s.haproxy.config, render_config(s))
     before = Path(s.haproxy.config).read_bytes()
     with pytest.raises(RenderError) as info:
-        write_config(HAPROXY, s.haproxy.config, render_config(s) + "\nbackend broken\n    nonsense-keyword 1\n")
+        write_config(
+            HAPROXY,
+            s.haproxy.config,
+            render_config(s) + "\nbackend broken\n    nonsense-keyword 1\n",
+        )
     assert "nonsense-keyword" in str(info.value)
     assert str(s.haproxy.config) in str(info.value)  # the temp name is not leaked to the operator
     assert Path(s.haproxy.config).read_bytes() == before
