@@ -13,7 +13,8 @@ import socket
 from hasentinel.config import Endpoint, Settings
 
 
-def _bind_error(endpoint: Endpoint) -> str | None:
+def try_bind(endpoint: Endpoint) -> OSError | None:
+    """Bind ``endpoint`` as HAProxy would and release it; the error, if it cannot be bound."""
     family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         # Like HAProxy: connections in TIME_WAIT do not block the address.
@@ -21,8 +22,13 @@ def _bind_error(endpoint: Endpoint) -> str | None:
         try:
             sock.bind((endpoint.host, endpoint.port))
         except OSError as exc:
-            return exc.strerror or str(exc)
+            return exc
     return None
+
+
+def _bind_error(endpoint: Endpoint) -> str | None:
+    error = try_bind(endpoint)
+    return None if error is None else error.strerror or str(error)
 
 
 def bind_conflicts(loaded: Settings | None, new: Settings) -> list[str]:

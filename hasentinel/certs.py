@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from hasentinel.config import Master, Settings
+from hasentinel.tlscheck import carries, describe_names
 
 # A certificate closer than this to its end is a warning: kubeadm renews
 # yearly and warns 30 days ahead too, so an operator has a month to act.
@@ -53,14 +54,10 @@ class CertInfo:
 
     def carries(self, host: str) -> bool:
         """Whether a client connecting to ``host`` accepts this certificate's names."""
-        with contextlib.suppress(ValueError):
-            return str(ipaddress.ip_address(host)) in self.ip_addresses
-        host = host.lower().rstrip(".")
-        rest = host.partition(".")[2]
-        return host in self.dns_names or (bool(rest) and f"*.{rest}" in self.dns_names)
+        return carries(host, self.dns_names, self.ip_addresses)
 
     def names(self) -> str:
-        return ", ".join(sorted(self.dns_names) + sorted(self.ip_addresses)) or "no SANs"
+        return describe_names(self.dns_names, self.ip_addresses)
 
 
 @dataclass(frozen=True)

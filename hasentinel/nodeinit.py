@@ -13,7 +13,6 @@ import argparse
 import base64
 import contextlib
 import errno
-import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from hasentinel import config
+from hasentinel.bindcheck import try_bind
 from hasentinel.config import ConfigError, Endpoint, Master, parse_endpoint, parse_settings
 from hasentinel.files import write_atomic
 from hasentinel.tlscheck import (
@@ -254,17 +254,12 @@ def _is_unconfigured(path: Path) -> bool:
 
 def port_taken(endpoint: Endpoint) -> bool:
     """Whether something on this node already listens on ``endpoint`` (or its port on *)."""
-    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        # As HAProxy binds: a port held only by TIME_WAIT connections is free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((endpoint.host, endpoint.port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return True
-            raise CommandError(f"listen {endpoint}: cannot bind it here: {exc.strerror}") from None
-    return False
+    error = try_bind(endpoint)
+    if error is None:
+        return False
+    if error.errno == errno.EADDRINUSE:
+        return True
+    raise CommandError(f"listen {endpoint}: cannot bind it here: {error.strerror}")
 
 
 def free_port(endpoint: Endpoint) -> Endpoint:

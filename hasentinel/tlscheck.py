@@ -36,16 +36,24 @@ class Probe:
     error: str | None = None
 
     def carries(self, host: str) -> bool:
-        """Whether the certificate is valid for ``host``: an IP SAN, or a DNS SAN (``*.`` too)."""
-        with contextlib.suppress(ValueError):
-            return str(ipaddress.ip_address(host)) in self.ip_addresses
-        host = host.lower().rstrip(".")
-        rest = host.partition(".")[2]
-        return host in self.dns_names or (bool(rest) and f"*.{rest}" in self.dns_names)
+        return carries(host, self.dns_names, self.ip_addresses)
 
     def names(self) -> str:
-        """The certificate's SANs, for messages."""
-        return ", ".join(sorted(self.dns_names) + sorted(self.ip_addresses)) or "no SANs"
+        return describe_names(self.dns_names, self.ip_addresses)
+
+
+def carries(host: str, dns_names: frozenset[str], ip_addresses: frozenset[str]) -> bool:
+    """Whether a certificate with these SANs is valid for ``host`` (IP SAN, or DNS SAN with ``*.``)."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host)) in ip_addresses
+    host = host.lower().rstrip(".")
+    rest = host.partition(".")[2]
+    return host in dns_names or (bool(rest) and f"*.{rest}" in dns_names)
+
+
+def describe_names(dns_names: frozenset[str], ip_addresses: frozenset[str]) -> str:
+    """A certificate's SANs, for messages."""
+    return ", ".join(sorted(dns_names) + sorted(ip_addresses)) or "no SANs"
 
 
 def tls_context(

@@ -1,4 +1,4 @@
-"""Shared fixtures: a test PKI and three fake kube-apiservers on 127.0.1.1-3:6443."""
+"""Shared fixtures: a test PKI, three fake kube-apiservers on 127.0.1.1-3:6443, and a node."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
+from harness import Node, wait_for  # noqa: E402
 from support import (  # noqa: E402
     MasterProcess,
     TestPKI,
@@ -58,3 +59,28 @@ def masters(pki: TestPKI, tmp_path: Path) -> Iterator[list[MasterProcess]]:
         finally:
             for master in started:
                 master.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Keep each phase's report on the test item, so fixtures can tell a failed test."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture
+def node(
+    request: pytest.FixtureRequest, pki: TestPKI, masters: list[MasterProcess], tmp_path: Path
+) -> Iterator[Node]:
+    """A node (HAProxy + hasentinel) on the three masters, healthy; its logs are printed if the test fails."""
+    n = Node(tmp_path, pki.ca_pem_path, masters)
+    try:
+        n.start()
+        wait_for(lambda: n.daemon.status()["state"] == "healthy", 10, what="healthy")
+        yield n
+    finally:
+        call = getattr(request.node, "rep_call", None)
+        if call is None or call.failed:
+            print(n.diagnostics())
+        n.stop()

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import Node, wait_for
 from support import MasterProcess, TestPKI
-
-
-@pytest.fixture
-def node(pki: TestPKI, masters: list[MasterProcess], tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path, pki.ca_pem_path, masters)
-    try:
-        n.start()
-        yield n
-    except BaseException:
-        print(n.diagnostics())
-        raise
-    finally:
-        n.stop()
 
 
 def test_traffic_reaches_all_three_masters(node: Node, pki: TestPKI) -> None:

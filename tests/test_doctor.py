@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,20 +62,6 @@ def run_doctor(node: Node, kubeconfig: Path, *extra: str) -> subprocess.Complete
 
 def lines(result: subprocess.CompletedProcess[str], level: str) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.startswith(level + " ")]
-
-
-@pytest.fixture
-def node(pki: TestPKI, masters: list[MasterProcess], tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path, pki.ca_pem_path, masters)
-    try:
-        n.start()
-        wait_for(lambda: n.daemon.status()["state"] == "healthy", 10, what="healthy")
-        yield n
-    except BaseException:
-        print(n.diagnostics())
-        raise
-    finally:
-        n.stop()
 
 
 @pytest.fixture

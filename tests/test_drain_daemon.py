@@ -7,29 +7,12 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from harness import Node, wait_for
 from support import MasterProcess, TestPKI
 
 INTERVAL, FALL = 1.0, 2
-
-
-@pytest.fixture
-def node(pki: TestPKI, masters: list[MasterProcess], tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path, pki.ca_pem_path, masters)
-    try:
-        n.start()
-        wait_for(lambda: n.daemon.status()["state"] == "healthy", 10, what="healthy")
-        yield n
-    except BaseException:
-        print(n.diagnostics())
-        raise
-    finally:
-        n.stop()
 
 
 class Closes:

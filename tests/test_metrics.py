@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,19 +39,6 @@ def not_after(path: Path) -> float:
     import datetime
 
     return cert.not_valid_after.replace(tzinfo=datetime.timezone.utc).timestamp()
-
-
-@pytest.fixture
-def node(pki: TestPKI, masters: list[MasterProcess], tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path, pki.ca_pem_path, masters)
-    try:
-        n.start()
-        yield n
-    except BaseException:
-        print(n.diagnostics())
-        raise
-    finally:
-        n.stop()
 
 
 def test_scrape_reports_states_probes_and_transitions(
