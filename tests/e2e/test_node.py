@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from hasentinel.journal import MESSAGE_IDS
 from tests.e2e.container import (
     CACHE,
     REPO,
@@ -333,6 +334,11 @@ class TestNode:
         assert document["haproxy"].get("config_warnings") == [], document["haproxy"]
         assert node.through_haproxy()["gitVersion"]
         assert node.container.run(["hasentinel", "status"], check=False).returncode == 0
+        # doctor, under real systemd: both units and the listener are hasentinel's.
+        doctor = node.container.run(["hasentinel", "doctor"], check=False)
+        assert "hasentinel.service is active" in doctor.stdout, doctor.stdout
+        assert "hasentinel-haproxy.service is active" in doctor.stdout, doctor.stdout
+        assert "is served by hasentinel's HAProxy" in doctor.stdout, doctor.stdout
 
     def test_killed_master_is_logged_with_its_fields(self, node: Node) -> None:
         """A master killed for real shows up as one master_down event, with master, reason and states."""
@@ -352,6 +358,19 @@ class TestNode:
         # The overall state follows on the daemon's next pass.
         wait_for("degraded", lambda: node.status()["state"] == "degraded", 10)
         assert node.through_haproxy()["gitVersion"], "the survivors must still serve"
+
+        # The operator's query: that master's down events, by their fixed MESSAGE_ID.
+        query = node.container.run(
+            ["journalctl", "-u", "hasentinel", f"MASTER={victim.name}",
+             f"MESSAGE_ID={MESSAGE_IDS['master_down']}", "-o", "json", "--no-pager"]
+        )  # fmt: skip
+        entries = [json.loads(line) for line in query.stdout.splitlines() if line.startswith("{")]
+        entries = [e for e in entries if int(e["__REALTIME_TIMESTAMP"]) >= since]
+        assert len(entries) == 1, query.stdout
+        assert entries[0]["PRIORITY"] == "4"  # warning
+        assert entries[0]["MESSAGE"] == (
+            f"master {victim.name} ({event['address']}) down: {event['reason']}"
+        )
 
         victim.start()
         wait_for("the master back up", node.all_up, 30)
