@@ -16,12 +16,10 @@ restarted hasentinel all converge the same way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,10 +36,8 @@ from hasentinel.haproxy import (
     ProcInfo,
     ReloadResult,
     ServerView,
-    Session,
 )
 from hasentinel.health import DRAIN, MAINT, READY
-from hasentinel.rebalance import LONG_LIVED, close_offsets, plan_rebalance
 from hasentinel.render import (
     RenderError,
     detect_version,
@@ -51,14 +47,9 @@ from hasentinel.render import (
     server_state_file,
     write_config,
 )
+from hasentinel.sessions import SessionMover
 
 log = structlog.get_logger("hasentinel.apply")
-
-# Sessions of a failed master are closed in this many batches over the window.
-SHUTDOWN_SLICES = 20
-# A recovered master must also pass HAProxy's own check before sessions are
-# moved to it; give up rebalancing if it does not within this many seconds.
-REBALANCE_WAIT_UP = 30.0
 
 
 @dataclass
@@ -94,10 +85,9 @@ class Applier:
         self.settings = settings
         self.client = HAProxyClient(settings.haproxy.master_socket, settings.haproxy.admin_socket)
         self.status = HAProxyStatus()
-        self._shedding: dict[str, asyncio.Task[None]] = {}
         # Per drained master, the window its sessions are moved off over (seconds).
         self.drain_windows: dict[str, float] = {}
-        self._rebalancing: dict[str, asyncio.Task[None]] = {}
+        self.sessions = SessionMover(self)
         # The settings HAProxy runs (as far as we know): the last applied without error.
         self._loaded: Settings | None = None
         self._config_lock = asyncio.Lock()
@@ -305,81 +295,23 @@ class Applier:
                 changes.append((name, view.admin, want))
                 log.info("haproxy_state_applied", master=name, from_state=view.admin, to_state=want)
                 if want == MAINT:
-                    self._stop_rebalancing(name)
+                    self.sessions.stop_rebalancing(name)
                 elif view.admin in (MAINT, DRAIN) and want == READY and not trust_checks:
                     # Back from a failure or a drain: move some sessions to it.
                     # Failing open is no recovery: nothing to move sessions to.
-                    self._start_rebalancing(name)
+                    self.sessions.start_rebalancing(name)
             failed_check = trust_checks and not view.operational
             if (want == MAINT or failed_check) and (view.sessions > 0 or view.admin != want):
-                self._start_shedding(name)
+                self.sessions.start_shedding(name)
             elif want == DRAIN and (view.sessions > 0 or view.admin != want):
                 # Drain takes no new connections; the long-lived ones move off over its window.
                 window = self.drain_windows.get(name, DEFAULT_DRAIN_WINDOW)
-                self._start_shedding(name, window, "drain")
+                self.sessions.start_shedding(name, window, "drain")
             elif want == READY:
-                self._stop_drain_shedding(name)  # undrained: its remaining sessions stay
+                self.sessions.stop_drain_shedding(name)  # undrained: its remaining sessions stay
         if changes:
             await self.refresh()  # so that /status shows HAProxy's view after the change
         return changes
-
-    def _start_shedding(self, name: str, window: float | None = None, cause: str = "down") -> None:
-        task = self._shedding.get(name)
-        if task is not None and not task.done():
-            return
-        if window is None:
-            window = self.settings.haproxy.shutdown_window
-        self._shedding[name] = asyncio.create_task(
-            self._shed(name, window, cause), name=f"shed-{cause}-{name}"
-        )
-
-    def _stop_drain_shedding(self, name: str) -> None:
-        task = self._shedding.get(name)
-        if task is not None and not task.done() and task.get_name() == f"shed-drain-{name}":
-            task.cancel()
-            log.info("sessions_shutdown_cancelled", master=name, reason="undrained")
-
-    async def _close_if_unchanged(self, batch: list[Session]) -> int:
-        """Close these sessions, each only if it is still on the server it was listed on.
-
-        A session id is a memory address that HAProxy reuses as soon as the
-        session ends: closing a stale id could cut a new session on a healthy
-        master, so the list is read again right before each batch.
-        """
-        current = {s.ident: s.server for s in await self.client.sessions()}
-        still = [s for s in batch if current.get(s.ident) == s.server]
-        if still:
-            # Several commands in one connection, separated by ';'.
-            await self.client.admin("; ".join(f"shutdown session {s.ident}" for s in still))
-        return len(still)
-
-    async def _shed(self, name: str, window: float, cause: str = "down") -> None:
-        """Close a master's sessions, spread over ``window`` seconds."""
-        start = time.monotonic()
-        try:
-            sessions = [s for s in await self.client.sessions() if s.server == name]
-            if window > 0 and len(sessions) > 1:
-                count = min(len(sessions), SHUTDOWN_SLICES)
-                for index in range(count):
-                    batch = sessions[index::count]
-                    delay = start + window * index / count - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    await self._close_if_unchanged(batch)
-            # Whatever is left (or everything, with no window) goes at once.
-            await self.client.shutdown_sessions(name)
-        except HAProxyError as exc:
-            log.warning("sessions_shutdown_failed", master=name, error=str(exc))
-            return
-        if sessions:
-            log.info(
-                "sessions_shutdown",
-                master=name,
-                sessions=len(sessions),
-                cause=cause,
-                window_s=window,
-                duration_ms=round((time.monotonic() - start) * 1000, 1),
-            )
 
     async def confirm_up(self, names: Collection[str]) -> None:
         """Tell HAProxy's check that masters the probes just saw recover are up.
@@ -402,84 +334,8 @@ class Applier:
                 continue
             log.info("haproxy_health_confirmed", master=name, was=view.status)
 
-    # -- rebalancing after a recovery ------------------------------------
-
-    def _start_rebalancing(self, name: str) -> None:
-        if not self.settings.haproxy.rebalance.enabled:
-            return
-        self._stop_rebalancing(name)
-        self._rebalancing[name] = asyncio.create_task(
-            self._rebalance(name), name=f"rebalance-{name}"
-        )
-
-    def _stop_rebalancing(self, name: str) -> None:
-        task = self._rebalancing.pop(name, None)
-        if task is not None and not task.done():
-            task.cancel()
-            log.info("rebalance_cancelled", master=name, reason="master out of rotation again")
-
-    async def _rebalance(self, name: str) -> None:
-        """Close a bounded share of the other masters' sessions, slowly, once ``name`` is up."""
-        settings = self.settings.haproxy.rebalance
-        returned = time.monotonic()
-        try:
-            servers = await self.client.servers()
-            while not ((view := servers.get(name)) and view.admin == READY and view.operational):
-                if time.monotonic() - returned > REBALANCE_WAIT_UP:
-                    log.warning(
-                        "rebalance_skipped",
-                        master=name,
-                        reason=f"HAProxy's check did not pass within {REBALANCE_WAIT_UP:g}s",
-                    )
-                    return
-                await asyncio.sleep(0.5)
-                servers = await self.client.servers()
-            in_rotation = [n for n, v in servers.items() if v.admin == READY and v.operational]
-            # Only sessions older than the recovery: newer ones already chose.
-            min_age = max(LONG_LIVED, time.monotonic() - returned)
-            sessions = await self.client.sessions()
-            plan = plan_rebalance(sessions, name, in_rotation, settings.share, min_age)
-            if not plan:
-                log.info(
-                    "rebalance_skipped",
-                    master=name,
-                    reason="moving sessions would not even the load",
-                    sessions=dict(Counter(s.server for s in sessions if s.server in in_rotation)),
-                )
-                return
-            offsets = close_offsets(len(plan), settings)
-            log.info(
-                "rebalance_started",
-                master=name,
-                sessions=len(plan),
-                from_masters=sorted({s.server for s in plan}),
-                duration_s=round(offsets[-1], 2),
-            )
-            start = time.monotonic()
-            for session, offset in zip(plan, offsets, strict=True):
-                delay = start + offset - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                self.status.rebalanced_sessions += await self._close_if_unchanged([session])
-        except HAProxyError as exc:
-            log.warning("rebalance_failed", master=name, error=str(exc))
-            return
-        log.info(
-            "rebalance_done",
-            master=name,
-            sessions=len(plan),
-            duration_ms=round((time.monotonic() - start) * 1000, 1),
-        )
-
     async def close(self) -> None:
-        tasks = [*self._shedding.values(), *self._rebalancing.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._shedding.clear()
-        self._rebalancing.clear()
+        await self.sessions.close()
 
 
 __all__ = ["Applier", "HAProxyStatus", "RenderError"]
