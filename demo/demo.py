@@ -280,7 +280,10 @@ def main() -> int:
             return 0
         say("The demo keeps running. In another terminal try:")
         print(f"   curl -s 127.0.0.1:{demo.status_port}/status | python3 -m json.tool")
-        print(f"   python3 -m hasentinel --config {demo.config} status")
+        cli = f"PYTHONPATH={REPO} /usr/bin/python3 -m hasentinel --config {demo.config}"
+        print(f"   {cli} status")
+        print(f"   {cli} drain master-2 --wait      (and: undrain master-2)")
+        print(f"   curl -s 127.0.0.1:{demo.status_port}/metrics")
         print(f"   curl -s 127.0.0.1:{demo.stats_port}/   (HAProxy's stats page)")
         print("Press Ctrl-C to stop it.")
         while True:
