@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
+from haproxies import LABELS, HAProxyBuild, available, missing  # noqa: E402
 from harness import Node, wait_for  # noqa: E402
 from support import (  # noqa: E402
     MasterProcess,
@@ -84,3 +86,15 @@ def node(
         if call is None or call.failed:
             print(n.diagnostics())
         n.stop()
+
+
+@pytest.fixture(params=LABELS)
+def build(request: pytest.FixtureRequest) -> HAProxyBuild:
+    """One HAProxy build (2.2, 2.6, 3.0); skipped when absent, failed if HASENTINEL_REQUIRE_HAPROXIES=1."""
+    found = {b.label: b for b in available()}
+    if request.param not in found:
+        why = missing()[request.param]
+        if os.environ.get("HASENTINEL_REQUIRE_HAPROXIES") == "1":
+            pytest.fail(f"HAProxy {request.param} required but not available: {why}")
+        pytest.skip(why)
+    return found[request.param]

@@ -12,7 +12,6 @@ import os
 import queue
 import selectors
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Node, wait_for
+from harness import Node, open_stream, wait_for
 
 
 def event_time(event: dict[str, Any]) -> float:
@@ -127,35 +126,6 @@ class RequestLoad:
 
 
 # -- watch-like streams ----------------------------------------------------------
-
-
-def open_stream(port: int, ca_file: Path, timeout: float = 10.0) -> tuple[ssl.SSLSocket, str]:
-    """A /watch stream through the local endpoint; returns the socket and its master."""
-    context = ssl.create_default_context(cafile=str(ca_file))
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        tls = context.wrap_socket(raw, server_hostname="kubernetes")
-    except BaseException:
-        raw.close()
-        raise
-    try:
-        tls.sendall(b"GET /watch HTTP/1.1\r\nHost: kubernetes\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = tls.recv(4096)
-            if not chunk:
-                raise ConnectionError("stream closed before its headers")
-            head += chunk
-        text = head.split(b"\r\n\r\n", 1)[0].decode()
-        master = next(
-            line.split(":", 1)[1].strip()
-            for line in text.splitlines()
-            if line.lower().startswith("x-master:")
-        )
-    except BaseException:
-        tls.close()
-        raise
-    return tls, master
 
 
 @dataclass

@@ -405,24 +405,38 @@ class Node:
     @contextlib.contextmanager
     def stream(self, ca_file: Path, timeout: float = 10.0) -> Iterator[tuple[ssl.SSLSocket, str]]:
         """A watch-like /watch stream through the local endpoint; yields (socket, master)."""
-        context = self.client_context(ca_file)
-        raw = socket.create_connection(("127.0.0.1", self.listen_port), timeout=timeout)
-        tls = context.wrap_socket(raw, server_hostname="kubernetes")
+        tls, master = open_stream(self.listen_port, ca_file, timeout)
         try:
-            tls.sendall(b"GET /watch HTTP/1.1\r\nHost: kubernetes\r\n\r\n")
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = tls.recv(4096)
-                if not chunk:
-                    raise AssertionError("stream closed before its headers")
-                head += chunk
-            text = head.split(b"\r\n\r\n", 1)[0].decode()
-            master = next(
-                line.split(":", 1)[1].strip()
-                for line in text.splitlines()
-                if line.lower().startswith("x-master:")
-            )
             yield tls, master
         finally:
             with contextlib.suppress(OSError):
                 tls.close()
+
+
+def open_stream(port: int, ca_file: Path, timeout: float = 10.0) -> tuple[ssl.SSLSocket, str]:
+    """A /watch stream through the local endpoint; returns the socket and its master."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        tls = context.wrap_socket(raw, server_hostname="kubernetes")
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        tls.sendall(b"GET /watch HTTP/1.1\r\nHost: kubernetes\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = tls.recv(4096)
+            if not chunk:
+                raise ConnectionError("stream closed before its headers")
+            head += chunk
+        text = head.split(b"\r\n\r\n", 1)[0].decode()
+        master = next(
+            line.split(":", 1)[1].strip()
+            for line in text.splitlines()
+            if line.lower().startswith("x-master:")
+        )
+    except BaseException:
+        tls.close()
+        raise
+    return tls, master

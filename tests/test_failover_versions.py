@@ -8,7 +8,6 @@ startup log on 3.0).
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -16,25 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
 from failover_support import RequestLoad, StreamPool, wait_master
 from harness import Node, wait_for
 from support import MasterProcess, TestPKI
 
-from tests import haproxies
 from tests.haproxies import HAProxyBuild
-
-
-@pytest.fixture(params=haproxies.LABELS)
-def build(request: pytest.FixtureRequest) -> HAProxyBuild:
-    """One HAProxy build; skipped (or failed, if required) when it is not available here."""
-    found = {b.label: b for b in haproxies.available()}
-    if request.param not in found:
-        why = haproxies.missing()[request.param]
-        if os.environ.get("HASENTINEL_REQUIRE_HAPROXIES") == "1":
-            pytest.fail(f"HAProxy {request.param} required but not available: {why}")
-        pytest.skip(why)
-    return found[request.param]
 
 
 def test_kill_recover_rebalance_and_failed_reload_on_each_build(

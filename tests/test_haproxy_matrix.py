@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -35,18 +34,6 @@ from tests import haproxies
 from tests.haproxies import HAProxyBuild
 
 INTERVAL, FALL, RISE = 1.0, 2, 2
-
-
-@pytest.fixture(params=haproxies.LABELS)
-def build(request: pytest.FixtureRequest) -> HAProxyBuild:
-    """One HAProxy build; skipped (or failed, if required) when it is not available here."""
-    found = {b.label: b for b in haproxies.available()}
-    if request.param not in found:
-        why = haproxies.missing()[request.param]
-        if os.environ.get("HASENTINEL_REQUIRE_HAPROXIES") == "1":
-            pytest.fail(f"HAProxy {request.param} required but not available: {why}")
-        pytest.skip(why)
-    return found[request.param]
 
 
 @pytest.fixture

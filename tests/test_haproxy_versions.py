@@ -24,17 +24,6 @@ from tests import haproxies
 from tests.haproxies import HAProxyBuild, cli, parse_servers_state, show_proc
 
 
-@pytest.fixture(params=haproxies.LABELS)
-def build(request: pytest.FixtureRequest) -> HAProxyBuild:
-    found = {b.label: b for b in haproxies.available()}
-    if request.param not in found:
-        why = haproxies.missing()[request.param]
-        if os.environ.get("HASENTINEL_REQUIRE_HAPROXIES") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
-    return found[request.param]
-
-
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     # Short, under /tmp: unix socket paths are limited to 107 bytes, and /tmp is one of
